@@ -1,0 +1,173 @@
+"""Reading and writing HF-format checkpoints without ever holding two copies of the weights.
+
+Loading builds the model with empty (meta) parameters, then streams tensors one at a time from the safetensors
+shards straight into their final dtype and device. Saving writes transformers-compatible shards plus an index.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that cannot be loaded (missing files, missing or unexpected weights)."""
+
+
+def read_config(path: str | os.PathLike) -> dict:
+    cfg_path = Path(path) / "config.json"
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{path}: no config.json (expected an HF checkpoint directory)")
+    try:
+        return json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_path}: invalid JSON ({e})") from None
+
+
+def shard_files(path: str | os.PathLike) -> list[Path]:
+    """The safetensors files of a checkpoint directory (index order, or the single file)."""
+    root = Path(path)
+    index = root / INDEX_FILE
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: no 'weight_map' object")
+        files = sorted(set(weight_map.values()))
+        missing = [f for f in files if not (root / f).is_file()]
+        if missing:
+            raise CheckpointError(f"{index} names shard(s) that are absent: {missing}")
+        return [root / f for f in files]
+    if (root / SINGLE_FILE).is_file():
+        return [root / SINGLE_FILE]
+    found = sorted(p.name for p in root.glob("*.safetensors"))
+    if found:
+        return [root / f for f in found]
+    raise CheckpointError(f"{path}: no {SINGLE_FILE}, {INDEX_FILE} or *.safetensors file")
+
+
+def iter_checkpoint_tensors(path: str | os.PathLike) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
+    """(key, loader) for every tensor of every shard; each loader reads one tensor when called."""
+    from safetensors import safe_open
+
+    for shard in shard_files(path):
+        with safe_open(str(shard), framework="pt") as f:
+            for key in f.keys():
+                yield key, (lambda f=f, key=key: f.get_tensor(key))
+
+
+def load_into(
+    model: nn.Module,
+    path: str | os.PathLike,
+    map_key: Callable[[str], str | None],
+    dtype: torch.dtype,
+    device: torch.device | str,
+    tied: dict[str, str] | None = None,
+) -> None:
+    """Stream the checkpoint at `path` into `model`, whose parameters may be on the meta device.
+
+    `map_key` gives our parameter name for a checkpoint key (None to skip it). `tied` maps a parameter to the one
+    it shares storage with when the checkpoint omits it (e.g. a tied lm_head).
+    """
+    params = dict(model.named_parameters(remove_duplicate=False))
+    loaded: set[str] = set()
+    unexpected: list[str] = []
+    for key, load in iter_checkpoint_tensors(path):
+        try:
+            name = map_key(key)
+        except KeyError as e:
+            unexpected.append(f"{key} ({e})")
+            continue
+        if name is None:
+            continue
+        if name not in params:
+            unexpected.append(key)
+            continue
+        tensor = load()
+        expected = tuple(params[name].shape)
+        if tuple(tensor.shape) != expected:
+            raise CheckpointError(f"{path}: {key} has shape {tuple(tensor.shape)}, the model expects {expected}")
+        _set_parameter(model, name, tensor.to(device=device, dtype=dtype))
+        loaded.add(name)
+    for name, source in (tied or {}).items():
+        if name not in loaded and source in loaded:
+            owner, attr = _owner(model, name)
+            src_owner, src_attr = _owner(model, source)
+            setattr(owner, attr, getattr(src_owner, src_attr))
+            loaded.add(name)
+    missing = sorted(set(params) - loaded)
+    if unexpected:
+        raise CheckpointError(f"{path}: {len(unexpected)} unexpected weight(s), e.g. {unexpected[:5]}")
+    if missing:
+        raise CheckpointError(f"{path}: {len(missing)} weight(s) missing from the checkpoint, e.g. {missing[:5]}")
+
+
+def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    module_path, _, attr = name.rpartition(".")
+    return (model.get_submodule(module_path) if module_path else model), attr
+
+
+def _set_parameter(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    owner, attr = _owner(model, name)
+    owner._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
+
+
+def save_hf_checkpoint(
+    model: nn.Module,
+    path: str | os.PathLike,
+    to_hf_key: Callable[[str], str],
+    max_shard_bytes: int = 2 * 2**30,
+) -> None:
+    """Write config.json and safetensors shards (+ index) in the family's HF layout, atomically per file."""
+    from safetensors.torch import save_file
+
+    root = Path(path)
+    root.mkdir(parents=True, exist_ok=True)
+    state: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, param in model.named_parameters():  # remove_duplicate=True: tied weights once
+        if id(param) in seen:
+            continue
+        seen.add(id(param))
+        state[to_hf_key(name)] = param.detach().contiguous().cpu()
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key in sorted(state):
+        nbytes = state[key].numel() * state[key].element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = state[key]
+        size += nbytes
+    names = [SINGLE_FILE] if len(shards) == 1 else [
+        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))
+    ]
+    for shard, fname in zip(shards, names):
+        tmp = root / f".{fname}.tmp"
+        save_file(shard, str(tmp), metadata={"format": "pt"})
+        os.replace(tmp, root / fname)
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+                 "weight_map": {k: names[i] for i, s in enumerate(shards) for k in s}}
+        _write_atomic(root / INDEX_FILE, json.dumps(index, indent=2))
+    hf_config = getattr(model, "hf_config", None)
+    if hf_config is not None:
+        config = hf_config.to_dict()
+        config["architectures"] = config.get("architectures") or ["Qwen2_5OmniThinkerForConditionalGeneration"]
+        config["hooked_av"] = {"model_name": model.cfg.model_name, "sinks": model.cfg.sinks.to_dict()}
+        _write_atomic(root / "config.json", json.dumps(config, indent=2, default=str))
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)

@@ -1,0 +1,297 @@
+"""Building blocks of the hooked LLM decoder, each with a HookPoint at every meaningful activation.
+
+Shapes follow TransformerLens: activations are [batch, pos, ...]; per-head tensors are [batch, pos, head, d_head];
+attention maps are [batch, head, query_pos, key_pos]. Numerics mirror transformers' Qwen2 lineage (RMSNorm in
+float32, rotary cos/sin cast to the activation dtype, softmax in float32).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+from transformer_lens.hook_points import HookPoint
+
+from .config import AVModelConfig
+
+ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm; `hook_scale` is the rms (float32), `hook_normalized` the normalised input before the gain."""
+
+    def __init__(self, d_model: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(d_model))
+        self.hook_scale = HookPoint()  # [batch, pos, 1]
+        self.hook_normalized = HookPoint()  # [batch, pos, d_model]
+
+    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+        in_dtype = x.dtype
+        x = x.float()
+        scale = self.hook_scale(torch.sqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+        normalized = self.hook_normalized((x / scale).to(in_dtype))
+        return self.weight * normalized
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary embedding over 1-D positions, or multimodal rope over (t, h, w) position rows (`mrope_section`)."""
+
+    def __init__(self, cfg: AVModelConfig):
+        super().__init__()
+        self.mrope_section = list(cfg.mrope_section) if cfg.mrope_section is not None else None
+        exponent = torch.arange(0, cfg.d_head, 2, dtype=torch.float) / cfg.d_head
+        self.register_buffer("inv_freq", 1.0 / (cfg.rope_theta**exponent), persistent=False)
+
+    @torch.no_grad()
+    def forward(
+        self, position_ids: Int[Tensor, "rows batch pos"], dtype: torch.dtype
+    ) -> tuple[Float[Tensor, "batch pos d_head"], Float[Tensor, "batch pos d_head"]]:
+        inv_freq = self.inv_freq.to(device=position_ids.device, dtype=torch.float)
+        freqs = position_ids[..., None].float() * inv_freq  # [rows, batch, pos, d_head/2]
+        if self.mrope_section is None:
+            freqs = freqs[0]
+        else:
+            pieces = freqs.split(self.mrope_section, dim=-1)
+            freqs = torch.cat([piece[i % 3] for i, piece in enumerate(pieces)], dim=-1)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rotary(
+    x: Float[Tensor, "batch pos head d_head"], cos: Float[Tensor, "batch pos d_head"], sin: Tensor
+) -> Float[Tensor, "batch pos head d_head"]:
+    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+    return x * cos + rotate_half(x) * sin
+
+
+class KVCache:
+    """Rotated keys and values of every layer, [batch, pos, kv_head, d_head], appended step by step."""
+
+    def __init__(self, n_layers: int):
+        self.keys: list[Tensor | None] = [None] * n_layers
+        self.values: list[Tensor | None] = [None] * n_layers
+
+    def __len__(self) -> int:
+        k = self.keys[0]
+        return 0 if k is None else k.shape[1]
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        if self.keys[layer] is not None:
+            k = torch.cat([self.keys[layer], k], dim=1)
+            v = torch.cat([self.values[layer], v], dim=1)
+        self.keys[layer], self.values[layer] = k, v
+        return k, v
+
+
+class AttentionMask:
+    """The attention mask of one forward call, in the forms the sdpa and eager paths need.
+
+    `key_valid` marks real (non-padding) keys over the whole cached sequence; queries sit at the last `n_query`
+    key positions. Masked entries of eager scores get `finfo(dtype).min` added, as transformers' eager attention.
+    """
+
+    def __init__(self, key_valid: torch.Tensor, n_query: int):
+        self.key_valid = key_valid.bool()  # [batch, keys]
+        self.n_query = n_query
+        self.n_keys = key_valid.shape[1]
+        self.offset = self.n_keys - n_query
+        self.all_valid = bool(self.key_valid.all())
+        self._bool: Tensor | None = None
+
+    def allowed(self, rows: slice | None = None) -> Tensor:
+        """Boolean [batch, 1, rows, keys]: True where a query may attend a key."""
+        if rows is None:
+            if self._bool is None:
+                self._bool = self._build(slice(0, self.n_query))
+            return self._bool
+        return self._build(rows)
+
+    def _build(self, rows: slice) -> Tensor:
+        device = self.key_valid.device
+        q = torch.arange(rows.start, rows.stop, device=device) + self.offset
+        k = torch.arange(self.n_keys, device=device)
+        allowed = (k[None, :] <= q[:, None])[None, None] & self.key_valid[:, None, None, :]
+        # a padding query with no visible key attends to itself, so its (ignored) row stays finite
+        empty = ~allowed.any(-1, keepdim=True)
+        if empty.any():
+            allowed = allowed | (empty & (k[None, :] == q[:, None])[None, None])
+        return allowed
+
+    def additive(self, rows: slice, dtype: torch.dtype) -> Tensor:
+        allowed = self.allowed(rows)
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+            ~allowed, torch.finfo(dtype).min
+        )
+
+    @property
+    def sdpa_is_causal(self) -> bool:
+        """True when sdpa's built-in causal mask is exact (no padding, no cache offset)."""
+        return self.all_valid and self.offset == 0
+
+
+def repeat_kv(x: Float[Tensor, "batch kv_head pos d_head"], n_rep: int) -> Float[Tensor, "batch head pos d_head"]:
+    if n_rep == 1:
+        return x
+    b, h, s, d = x.shape
+    return x[:, :, None].expand(b, h, n_rep, s, d).reshape(b, h * n_rep, s, d)
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention with rotary embedding.
+
+    Runs torch sdpa unless a hook is attached to `hook_attn_scores` or `hook_pattern` (or `force_eager` is set);
+    then eager attention runs in blocks of query rows so that only one block of one layer's scores exists at a
+    time. Hooks on those two sites receive [batch, head, rows, keys] blocks and can read `hook.query_slice`
+    (absolute query positions of the block) and `hook.block_index`; `run_with_cache` reassembles the blocks.
+    """
+
+    def __init__(self, cfg: AVModelConfig, layer: int):
+        super().__init__()
+        self.cfg = cfg
+        self.layer = layer
+        h, kv, d = cfg.n_heads, cfg.n_key_value_heads, cfg.d_head
+        self.q_proj = nn.Linear(cfg.d_model, h * d, bias=cfg.attn_qkv_bias)
+        self.k_proj = nn.Linear(cfg.d_model, kv * d, bias=cfg.attn_qkv_bias)
+        self.v_proj = nn.Linear(cfg.d_model, kv * d, bias=cfg.attn_qkv_bias)
+        self.o_proj = nn.Linear(h * d, cfg.d_model, bias=cfg.attn_o_bias)
+        self.scale = d**-0.5
+        self.force_eager = False
+        self.hook_q = HookPoint()  # [batch, pos, head, d_head]
+        self.hook_k = HookPoint()  # [batch, pos, kv_head, d_head]
+        self.hook_v = HookPoint()  # [batch, pos, kv_head, d_head]
+        self.hook_rot_q = HookPoint()
+        self.hook_rot_k = HookPoint()
+        self.hook_attn_scores = HookPoint()  # [batch, head, query_pos, key_pos]
+        self.hook_pattern = HookPoint()  # [batch, head, query_pos, key_pos]
+        self.hook_z = HookPoint()  # [batch, pos, head, d_head]
+
+    def needs_eager(self) -> bool:
+        return self.force_eager or self.hook_attn_scores.has_hooks() or self.hook_pattern.has_hooks()
+
+    def forward(
+        self,
+        x: Float[Tensor, "batch pos d_model"],
+        rotary: tuple[Tensor, Tensor],
+        mask: AttentionMask,
+        kv_cache: KVCache | None = None,
+    ) -> Float[Tensor, "batch pos d_model"]:
+        b, t, _ = x.shape
+        cfg = self.cfg
+        q = self.hook_q(self.q_proj(x).view(b, t, cfg.n_heads, cfg.d_head))
+        k = self.hook_k(self.k_proj(x).view(b, t, cfg.n_key_value_heads, cfg.d_head))
+        v = self.hook_v(self.v_proj(x).view(b, t, cfg.n_key_value_heads, cfg.d_head))
+        cos, sin = rotary
+        q = self.hook_rot_q(apply_rotary(q, cos, sin))
+        k = self.hook_rot_k(apply_rotary(k, cos, sin))
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer, k, v)
+        qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [batch, head, pos, d_head]
+        if self.needs_eager():
+            z = self._eager(qh, kh, vh, mask)
+        else:
+            z = self._sdpa(qh, kh, vh, mask)
+        z = self.hook_z(z.transpose(1, 2))  # [batch, pos, head, d_head]
+        return self.o_proj(z.reshape(b, t, cfg.n_heads * cfg.d_head))
+
+    def _sdpa(self, q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask) -> Tensor:
+        if mask.sdpa_is_causal:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, scale=self.scale,
+                                                  enable_gqa=self.cfg.n_rep > 1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.allowed(), scale=self.scale,
+                                              enable_gqa=self.cfg.n_rep > 1)
+
+    def block_rows(self, batch: int, n_query: int, n_keys: int) -> int:
+        """Query rows per eager block: `eager_attn_block_rows`, or what fits `eager_attn_block_bytes`."""
+        if self.cfg.eager_attn_block_rows:
+            return max(1, self.cfg.eager_attn_block_rows)
+        per_row = batch * self.cfg.n_heads * n_keys * 4 * 3  # scores, float32 softmax, pattern
+        return max(1, min(n_query, self.cfg.eager_attn_block_bytes // per_row))
+
+    def _eager(self, q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask) -> Tensor:
+        b, _, t, _ = q.shape
+        k, v = repeat_kv(k, self.cfg.n_rep), repeat_kv(v, self.cfg.n_rep)
+        k_t = k.transpose(2, 3)
+        rows = self.block_rows(b, t, k.shape[2])
+        out = []
+        for block_index, r0 in enumerate(range(0, t, rows)):
+            r1 = min(t, r0 + rows)
+            absolute = slice(mask.offset + r0, mask.offset + r1)
+            for hp in (self.hook_attn_scores, self.hook_pattern):
+                hp.query_slice, hp.block_index = absolute, block_index
+            scores = torch.matmul(q[:, :, r0:r1], k_t) * self.scale
+            scores = self.hook_attn_scores(scores + mask.additive(slice(r0, r1), scores.dtype))
+            pattern = self.hook_pattern(F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype))
+            out.append(torch.matmul(pattern, v))
+        return torch.cat(out, dim=2) if len(out) > 1 else out[0]
+
+
+class GatedMLP(nn.Module):
+    """SwiGLU MLP: down(act(gate(x)) * up(x)). hook_pre = gate pre-activation, hook_pre_linear = up(x)."""
+
+    def __init__(self, cfg: AVModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.d_model, cfg.d_mlp, bias=False)
+        self.up_proj = nn.Linear(cfg.d_model, cfg.d_mlp, bias=False)
+        self.down_proj = nn.Linear(cfg.d_mlp, cfg.d_model, bias=False)
+        self.act = ACTIVATIONS[cfg.act_fn]
+        self.hook_pre = HookPoint()  # [batch, pos, d_mlp]
+        self.hook_pre_linear = HookPoint()  # [batch, pos, d_mlp]
+        self.hook_post = HookPoint()  # [batch, pos, d_mlp]
+
+    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+        pre = self.hook_pre(self.gate_proj(x))
+        pre_linear = self.hook_pre_linear(self.up_proj(x))
+        return self.down_proj(self.hook_post(self.act(pre) * pre_linear))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm decoder block with a sink-value hook on its input."""
+
+    def __init__(self, cfg: AVModelConfig, layer: int):
+        super().__init__()
+        self.cfg = cfg
+        self.ln1 = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
+        self.attn = Attention(cfg, layer)
+        self.ln2 = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
+        self.mlp = GatedMLP(cfg)
+        #: hook_sink is computed only while hooked, unless this is set (tracing libraries that bypass TL hooks)
+        self.always_run_sink_hook = False
+        self.register_buffer("sink_dims", torch.tensor(cfg.sinks.dims, dtype=torch.long), persistent=False)
+        self.hook_resid_pre = HookPoint()  # [batch, pos, d_model]
+        self.hook_sink = HookPoint()  # [batch, pos, n_sink_dims]
+        self.hook_attn_out = HookPoint()
+        self.hook_resid_mid = HookPoint()
+        self.hook_mlp_out = HookPoint()
+        self.hook_resid_post = HookPoint()
+
+    def sink_values(self, resid: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos n_sink"]:
+        """|resid / rms(resid)| at the sink dims, in float32 and without the learned gain (official sink.py)."""
+        if self.sink_dims.numel() == 0:
+            return resid.new_zeros(*resid.shape[:-1], 0, dtype=torch.float32)
+        x = resid.float()
+        rms = torch.sqrt(x.pow(2).mean(-1, keepdim=True) + self.cfg.sinks.eps)
+        return (x.index_select(-1, self.sink_dims.to(x.device)) / rms).abs()
+
+    def forward(
+        self,
+        resid: Float[Tensor, "batch pos d_model"],
+        rotary: tuple[Tensor, Tensor],
+        mask: AttentionMask,
+        kv_cache: KVCache | None = None,
+    ) -> Float[Tensor, "batch pos d_model"]:
+        resid = self.hook_resid_pre(resid)
+        if self.always_run_sink_hook or self.hook_sink.has_hooks():
+            self.hook_sink(self.sink_values(resid))
+        attn_out = self.hook_attn_out(self.attn(self.ln1(resid), rotary, mask, kv_cache))
+        resid = self.hook_resid_mid(resid + attn_out)
+        mlp_out = self.hook_mlp_out(self.mlp(self.ln2(resid)))
+        return self.hook_resid_post(resid + mlp_out)
+

@@ -1,0 +1,131 @@
+"""Model configuration: every shape, token id and constant a hooked AV model needs, with provenance.
+
+A config drives every shape in `hooked_av.components`; nothing in the library hard-codes a layer count, a width,
+a token id or a sink dimension. The fields named like TransformerLens' config (`n_layers`, `n_heads`,
+`n_key_value_heads`, `d_model`, `d_head`, `d_vocab`, `device`) are the ones `transformer_lens.patching` reads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class SinkConstants:
+    """Massive-activation ("sink") dimensions of the LLM residual stream and the sink threshold tau.
+
+    `dims` are channels of the RMS-normalised residual stream (no learned gain) where attention-sink tokens take
+    huge values; a token is a sink at a layer when max over `dims` of |x / rms(x)| exceeds `tau`.
+    `provenance` says where the numbers come from; `calibrated` is False when they are placeholders that must be
+    calibrated on real weights before use.
+    """
+
+    dims: tuple[int, ...] = ()
+    tau: float | None = None
+    eps: float = 1e-6
+    provenance: str = "not calibrated"
+    calibrated: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class TokenIds:
+    """Special token ids of a model family's prompt layout."""
+
+    audio: int | None = None
+    image: int | None = None
+    video: int | None = None
+    audio_start: int | None = None
+    audio_end: int | None = None
+    vision_start: int | None = None
+    vision_end: int | None = None
+    bos: int | None = None
+    eos: int | None = None
+    pad: int | None = None
+
+    def special_ids(self) -> set[int]:
+        """Ids of the modality delimiters (labelled 'special' in a ModalityMap)."""
+        ids = (self.audio_start, self.audio_end, self.vision_start, self.vision_end)
+        return {i for i in ids if i is not None}
+
+
+@dataclass
+class AVModelConfig:
+    """Configuration of a HookedAVModel's LLM decoder and of its prompt layout.
+
+    The modality towers keep their own (transformers) configs; this config holds what the hooked decoder, the
+    layout parser (positions and ModalityMap) and the recipes need.
+    """
+
+    # decoder shapes
+    n_layers: int
+    d_model: int
+    n_heads: int
+    n_key_value_heads: int
+    d_head: int
+    d_mlp: int
+    d_vocab: int
+    n_ctx: int = 32768
+    act_fn: str = "silu"
+    rms_norm_eps: float = 1e-6
+    attn_qkv_bias: bool = True
+    attn_o_bias: bool = False
+    tie_word_embeddings: bool = False
+    # rotary embedding: 1-D rope when mrope_section is None, else multimodal rope over (t, h, w) rows
+    rope_theta: float = 1_000_000.0
+    mrope_section: tuple[int, ...] | None = (16, 24, 24)
+    # prompt layout
+    token_ids: TokenIds = field(default_factory=TokenIds)
+    position_id_per_seconds: int = 25
+    seconds_per_chunk: int = 2
+    spatial_merge_size: int = 2
+    # constants of the sink recipes
+    sinks: SinkConstants = field(default_factory=SinkConstants)
+    # runtime
+    model_family: str = "qwen2_5_omni"
+    model_name: str = "custom"
+    device: str | torch.device = "cpu"
+    dtype: torch.dtype = torch.float32
+    #: Upper bound on the bytes of one query block of eager attention scores ([batch, head, rows, keys] in float32).
+    #: Eager attention (used only while a hook on scores or pattern is active) runs in query blocks under this budget.
+    eager_attn_block_bytes: int = 256 * 2**20
+    #: Fixed number of query rows per eager block; overrides `eager_attn_block_bytes` when set.
+    eager_attn_block_rows: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.n_heads % self.n_key_value_heads:
+            raise ValueError(
+                f"n_heads ({self.n_heads}) must be a multiple of n_key_value_heads ({self.n_key_value_heads})"
+            )
+        if self.mrope_section is not None:
+            self.mrope_section = tuple(int(s) for s in self.mrope_section)
+            if sum(self.mrope_section) != self.d_head // 2:
+                raise ValueError(
+                    f"mrope_section {list(self.mrope_section)} sums to {sum(self.mrope_section)}, "
+                    f"expected d_head // 2 = {self.d_head // 2}"
+                )
+        bad = [d for d in self.sinks.dims if not 0 <= d < self.d_model]
+        if bad:
+            raise ValueError(f"sink dims {bad} are outside the residual stream [0, {self.d_model})")
+
+    @property
+    def n_rep(self) -> int:
+        """Query heads per key/value head (grouped-query attention)."""
+        return self.n_heads // self.n_key_value_heads
+
+    @property
+    def tokens_per_chunk(self) -> int:
+        """Temporal position units per audio-visual chunk (Qwen2.5-Omni: 25/s x 2 s = 50)."""
+        return int(self.position_id_per_seconds * self.seconds_per_chunk)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["device"] = str(self.device)
+        d["dtype"] = str(self.dtype).replace("torch.", "")
+        return d

@@ -1,0 +1,1 @@
+"""Optional integrations with other interpretability libraries (imported explicitly, never from hooked_av)."""

@@ -1,0 +1,328 @@
+"""HookedAVModel: an audio-visual LLM whose decoder is reimplemented with TransformerLens hook points.
+
+The base class is model-agnostic: token embedding, the hooked decoder blocks, the final norm, the unembedding,
+caching, hook-name checking and greedy generation with a KV cache. A model family (see `model_zoo`) subclasses it
+and supplies the modality towers and the prompt layout: `prepare_inputs` turns the family processor's tensors into
+`AVInputs` (positions and a ModalityMap), `embed_inputs` runs the towers and merges their outputs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+from transformer_lens import ActivationCache, HookedRootModule
+from transformer_lens.hook_points import HookPoint
+
+from . import hook_names
+from .components import AttentionMask, KVCache, RMSNorm, RotaryEmbedding, TransformerBlock
+from .config import AVModelConfig
+from .inputs import ModalityMap
+
+ReturnType = Literal["logits", "loss", "none"]
+
+
+@dataclass
+class AVInputs:
+    """One batch ready for the decoder: the processor's tensors plus positions and a ModalityMap.
+
+    `shape` is (batch, pos), so an AVInputs can stand where TransformerLens expects a token tensor
+    (e.g. `transformer_lens.patching.generic_activation_patch(model, corrupted_inputs, ...)`).
+    """
+
+    input_ids: Int[Tensor, "batch pos"]
+    attention_mask: Int[Tensor, "batch pos"]
+    position_ids: Int[Tensor, "rows batch pos"]
+    modality_map: ModalityMap
+    mm: dict[str, Any] = field(default_factory=dict)  # family-specific multimodal tensors (features, grids)
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.input_ids.shape
+
+    @property
+    def next_position(self) -> Int[Tensor, " batch"]:
+        """Position id of the first generated token, per sample (max position + 1, over valid tokens)."""
+        pos = self.position_ids.masked_fill(~self.attention_mask.bool()[None], -1)
+        return pos.amax(dim=(0, 2)) + 1
+
+    def to(self, device: torch.device | str) -> "AVInputs":
+        mm = {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in self.mm.items()}
+        return AVInputs(self.input_ids.to(device), self.attention_mask.to(device), self.position_ids.to(device),
+                        self.modality_map, mm)
+
+
+@dataclass
+class GenerateOutput:
+    """Greedy (or sampled) generation result.
+
+    sequences: prompt + generated ids, finished samples padded with the pad id.
+    logits: raw logits of each generated step, [steps, batch, vocab] (before any processing).
+    """
+
+    sequences: Int[Tensor, "batch total"]
+    new_tokens: Int[Tensor, "batch steps"]
+    logits: Float[Tensor, "steps batch vocab"]
+    prompt_length: int
+
+
+class HookedAVModel(HookedRootModule):
+    """A hooked audio-visual LLM. Use `HookedAVModel.from_pretrained` or `.from_hf_model` to build one."""
+
+    #: modality tower names this family exposes (each a `HookedTower` attribute)
+    tower_names: tuple[str, ...] = ()
+
+    def __init__(self, cfg: AVModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.d_vocab, cfg.d_model)
+        self.hook_embed = HookPoint()  # [batch, pos, d_model] merged text + modality embeddings
+        self.rotary = RotaryEmbedding(cfg)
+        self.blocks = nn.ModuleList(TransformerBlock(cfg, layer) for layer in range(cfg.n_layers))
+        self.ln_final = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
+        self.unembed = nn.Linear(cfg.d_model, cfg.d_vocab, bias=False)
+        if cfg.tie_word_embeddings:
+            self.unembed.weight = self.embed.weight
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str,
+        checkpoint: str | None = None,
+        dtype: torch.dtype | str | None = None,
+        device: torch.device | str = "cpu",
+        **overrides: Any,
+    ) -> "HookedAVModel":
+        """Load a preset (`qwen2.5-omni-7b`, ...) from a local checkpoint directory, or a checkpoint directory.
+
+        Weights are streamed shard by shard into an empty model, so at most one copy is ever in memory.
+        """
+        from model_zoo.registry import load_pretrained
+
+        return load_pretrained(name_or_path, checkpoint=checkpoint, dtype=dtype, device=device, **overrides)
+
+    @classmethod
+    def from_hf_model(cls, hf_model: nn.Module, **overrides: Any) -> "HookedAVModel":
+        """Convert an in-memory transformers model (e.g. `Qwen2_5OmniThinkerForConditionalGeneration`)."""
+        from model_zoo.registry import from_hf_model
+
+        return from_hf_model(hf_model, **overrides)
+
+    # ------------------------------------------------------------------ family interface
+    def prepare_inputs(self, *args: Any, **kwargs: Any) -> AVInputs:
+        """Turn the family processor's outputs into AVInputs (positions, ModalityMap). No tower runs here."""
+        raise NotImplementedError
+
+    def embed_inputs(self, inputs: AVInputs) -> Float[Tensor, "batch pos d_model"]:
+        """Token embeddings with the towers' outputs merged in at their placeholder positions."""
+        raise NotImplementedError
+
+    def modality_map(self, *args: Any, **kwargs: Any) -> ModalityMap:
+        """The ModalityMap of a batch of processor outputs (cheap: no forward pass)."""
+        return self._as_inputs(args, kwargs).modality_map
+
+    # ------------------------------------------------------------------ forward
+    def _as_inputs(self, args: Sequence[Any], kwargs: dict[str, Any]) -> AVInputs:
+        if args and isinstance(args[0], AVInputs):
+            if len(args) > 1 or kwargs:
+                raise TypeError("pass either an AVInputs or the processor's keyword tensors, not both")
+            return args[0]
+        if args and isinstance(args[0], Mapping):
+            if len(args) > 1:
+                raise TypeError("pass one mapping of processor outputs")
+            return self.prepare_inputs(**{**dict(args[0]), **kwargs})
+        return self.prepare_inputs(*args, **kwargs)
+
+    def forward(self, *args: Any, return_type: ReturnType = "logits", **kwargs: Any) -> Tensor | None:
+        """Run the model on the processor's outputs (`model(**processor(...))`), an AVInputs or a dict of them.
+
+        Returns logits [batch, pos, vocab] (`return_type="logits"`), the mean next-token loss over valid
+        positions ("loss"), or None ("none": stops after the final norm, e.g. for caching).
+        """
+        inputs = self._as_inputs(args, kwargs)
+        embeds = self.embed_inputs(inputs)
+        return self._decode(inputs, embeds, return_type=return_type)
+
+    def _decode(
+        self,
+        inputs: AVInputs,
+        embeds: Float[Tensor, "batch pos d_model"],
+        return_type: ReturnType = "logits",
+        kv_cache: KVCache | None = None,
+        position_ids: Tensor | None = None,
+        key_valid: Tensor | None = None,
+    ) -> Tensor | None:
+        resid = self.hook_embed(embeds)
+        position_ids = inputs.position_ids if position_ids is None else position_ids
+        mask = AttentionMask(inputs.attention_mask if key_valid is None else key_valid, n_query=resid.shape[1])
+        rotary = self.rotary(position_ids, resid.dtype)
+        for block in self.blocks:
+            resid = block(resid, rotary, mask, kv_cache)
+        resid = self.ln_final(resid)
+        if return_type == "none":
+            return None
+        logits = self.unembed(resid)
+        if return_type == "logits":
+            return logits
+        if return_type == "loss":
+            valid = inputs.attention_mask[:, 1:].bool()
+            lp = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), inputs.input_ids[:, 1:], reduction="none")
+            return lp[valid].mean()
+        raise ValueError(f"return_type must be 'logits', 'loss' or 'none', got {return_type!r}")
+
+    # ------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def generate(
+        self,
+        *args: Any,
+        max_new_tokens: int = 32,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        seed: int | None = None,
+        eos_token_id: int | Sequence[int] | None = None,
+        pad_token_id: int | None = None,
+        **kwargs: Any,
+    ) -> GenerateOutput:
+        """Generate with a KV cache; greedy unless `do_sample`. Hooks attached to the model fire at every step
+        (the prefill sees the whole prompt, each decoding step one position)."""
+        inputs = self._as_inputs(args, kwargs)
+        eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
+        if not eos and self.cfg.token_ids.eos is not None:
+            eos = {self.cfg.token_ids.eos}
+        pad = pad_token_id if pad_token_id is not None else (self.cfg.token_ids.pad or 0)
+        generator = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
+
+        cache = KVCache(self.cfg.n_layers)
+        batch = inputs.input_ids.shape[0]
+        device = inputs.input_ids.device
+        key_valid = inputs.attention_mask.bool()
+        logits = self._decode(inputs, self.embed_inputs(inputs), kv_cache=cache, key_valid=key_valid)[:, -1]
+        next_pos = inputs.next_position
+        finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        new_tokens, step_logits = [], []
+        for step in range(max_new_tokens):
+            step_logits.append(logits.float())
+            if do_sample:
+                probs = F.softmax(logits.float() / temperature, dim=-1)
+                token = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(device)
+            else:
+                token = logits.argmax(dim=-1)
+            token = torch.where(finished, torch.full_like(token, pad), token)
+            new_tokens.append(token)
+            finished |= torch.isin(token, torch.tensor(sorted(eos), device=device)) if eos else finished
+            if bool(finished.all()) or step == max_new_tokens - 1:
+                break
+            key_valid = torch.cat([key_valid, torch.ones(batch, 1, dtype=torch.bool, device=device)], dim=1)
+            positions = (next_pos + step)[None, :, None].expand(self._position_rows(inputs), batch, 1)
+            embeds = self.embed(token[:, None])
+            logits = self._decode(inputs, embeds, kv_cache=cache, position_ids=positions, key_valid=key_valid)[:, -1]
+        new = torch.stack(new_tokens, dim=1)
+        return GenerateOutput(
+            sequences=torch.cat([inputs.input_ids, new], dim=1),
+            new_tokens=new,
+            logits=torch.stack(step_logits, dim=0),
+            prompt_length=inputs.input_ids.shape[1],
+        )
+
+    def _position_rows(self, inputs: AVInputs) -> int:
+        return inputs.position_ids.shape[0]
+
+    # ------------------------------------------------------------------ hooks and caching
+    @property
+    def hook_name_list(self) -> list[str]:
+        return list(self.hook_dict)
+
+    def check_hook_name(self, name: str) -> str:
+        """`name` if the model has it; otherwise an error listing the closest valid names."""
+        return hook_names.check_hook_name(name, self.hook_dict)
+
+    def add_hook(self, name, hook, dir="fwd", is_permanent=False, level=None, prepend=False) -> None:  # type: ignore[override]
+        if isinstance(name, str):
+            self.check_hook_name(name)
+        super().add_hook(name, hook, dir=dir, is_permanent=is_permanent, level=level, prepend=prepend)
+
+    def _enable_hook_with_name(self, name: str, hook: Callable, dir: Literal["fwd", "bwd"]) -> None:
+        self.check_hook_name(name)
+        super()._enable_hook_with_name(name, hook, dir)
+
+    def get_caching_hooks(self, names_filter=None, incl_bwd=False, device=None, remove_batch_dim=False,
+                          cache=None, pos_slice=None):  # type: ignore[override]
+        """TransformerLens' caching hooks, with name checking and reassembly of blockwise attention maps."""
+        if isinstance(names_filter, str):
+            self.check_hook_name(names_filter)
+        elif isinstance(names_filter, list):
+            for name in names_filter:
+                self.check_hook_name(name)
+        cache_dict, fwd, bwd = super().get_caching_hooks(
+            names_filter, incl_bwd, device, remove_batch_dim=remove_batch_dim, cache=cache, pos_slice=pos_slice
+        )
+        map_sites = tuple(s for s in hook_names.ATTENTION_MAP_SITES)
+        wrapped = []
+        for name, fn in fwd:
+            if name.endswith(map_sites):
+                fn = partial(_save_attention_block, save=fn, cache=cache_dict)
+            wrapped.append((name, fn))
+        return cache_dict, wrapped, bwd
+
+    def run_with_cache(self, *model_args: Any, names_filter=None, device=None, remove_batch_dim=False,
+                       incl_bwd=False, reset_hooks_end=True, clear_contexts=False, pos_slice=None,
+                       **model_kwargs: Any) -> tuple[Any, ActivationCache]:  # type: ignore[override]
+        """Like TransformerLens: returns (output, ActivationCache); `cache["pattern", 0]`, `cache["resid_pre", 3]`.
+
+        Attention maps computed in query blocks are concatenated back to full [batch, head, q, k] tensors.
+        """
+        rows = self._with_single_block() if pos_slice is not None else contextlib.nullcontext()
+        with rows:
+            out, cache_dict = super().run_with_cache(
+                *model_args, names_filter=names_filter, device=device, remove_batch_dim=remove_batch_dim,
+                incl_bwd=incl_bwd, reset_hooks_end=reset_hooks_end, clear_contexts=clear_contexts,
+                pos_slice=pos_slice, **model_kwargs,
+            )
+        return out, ActivationCache(cache_dict, self, has_batch_dim=not remove_batch_dim)
+
+    @contextlib.contextmanager
+    def _with_single_block(self) -> Iterator[None]:
+        old = self.cfg.eager_attn_block_rows
+        self.cfg.eager_attn_block_rows = 1 << 40
+        try:
+            yield
+        finally:
+            self.cfg.eager_attn_block_rows = old
+
+    @contextlib.contextmanager
+    def force_eager_attention(self, enabled: bool = True) -> Iterator[None]:
+        """Run eager (blockwise) attention even without hooks on scores/pattern (e.g. for nnsight tracing)."""
+        old = [b.attn.force_eager for b in self.blocks]
+        for b in self.blocks:
+            b.attn.force_eager = enabled
+        try:
+            yield
+        finally:
+            for b, o in zip(self.blocks, old):
+                b.attn.force_eager = o
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.weight.dtype
+
+
+def _save_attention_block(tensor: Tensor, *, hook: HookPoint, save: Callable, cache: dict) -> None:
+    """Caching hook for attention maps: the first block of a call replaces the entry, later blocks append rows."""
+    if getattr(hook, "block_index", 0) == 0 or hook.name not in cache:
+        save(tensor, hook=hook)
+        return
+    previous = cache[hook.name]
+    save(tensor, hook=hook)
+    cache[hook.name] = torch.cat([previous, cache[hook.name]], dim=-2)

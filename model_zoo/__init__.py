@@ -1,0 +1,1 @@
+"""The hooked model zoo: one module per model family, plus the registry of presets."""
