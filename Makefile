@@ -1,0 +1,28 @@
+# Two commands do everything on a fresh machine: `make demo` and `make test` (each creates .venv as needed).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+# torch is named in the same pip command as transformer-lens and nnsight, or pip would pick a multi-GB CUDA build.
+TORCH  ?= torch==2.13.0
+DEPS   := "$(TORCH)" "transformers>=5.9,<6" "transformer-lens>=4.3,<5" "nnsight>=0.8" accelerate safetensors \
+          einops jaxtyping tqdm pytest "decord==0.6.0" av soundfile
+
+.PHONY: demo test install clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install $(DEPS)
+	$(BIN)/pip install --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/hooked-av demo --out runs/demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
