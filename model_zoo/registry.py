@@ -101,15 +101,16 @@ def load_pretrained(
     if sinks is None and stored:
         sinks = SinkConstants(**{**stored, "dims": tuple(stored.get("dims", ()))})
     model_name = name_or_path if preset is not None else config.get("hooked_av", {}).get("model_name", "custom")
-    with init_empty_weights(include_buffers=False):
-        model = qwen2_5_omni.build(hf_config, model_name=model_name, sinks=sinks, dtype=torch_dtype)
     if preset is not None:
-        mismatch = {k: (v, getattr(model.cfg, k)) for k, v in preset.items()
+        shape = qwen2_5_omni.config_from_hf(hf_config)
+        mismatch = {k: (v, getattr(shape, k)) for k, v in preset.items()
                     if k in ("n_layers", "d_model", "n_heads", "n_key_value_heads", "d_mlp")
-                    and getattr(model.cfg, k) != v}
+                    and getattr(shape, k) != v}
         if mismatch:
             detail = ", ".join(f"{k}: preset {a}, checkpoint {b}" for k, (a, b) in mismatch.items())
             raise CheckpointError(f"{checkpoint} does not match preset {name_or_path!r} ({detail})")
+    with init_empty_weights(include_buffers=False):
+        model = qwen2_5_omni.build(hf_config, model_name=model_name, sinks=sinks, dtype=torch_dtype)
     tied = {"unembed.weight": "embed.weight"} if model.cfg.tie_word_embeddings else None
     load_into(model, checkpoint, qwen2_5_omni.from_hf_key, torch_dtype, device, tied=tied)
     model.cfg.device = str(device)
