@@ -111,7 +111,10 @@ class HookedAVModel(HookedRootModule):
 
     @classmethod
     def from_hf_model(cls, hf_model: nn.Module, **overrides: Any) -> "HookedAVModel":
-        """Convert an in-memory transformers model (e.g. `Qwen2_5OmniThinkerForConditionalGeneration`)."""
+        """Convert an in-memory transformers model (e.g. `Qwen2_5OmniThinkerForConditionalGeneration`).
+
+        The hooked model shares the reference model's weight tensors (no copy is made).
+        """
         from model_zoo.registry import from_hf_model
 
         return from_hf_model(hf_model, **overrides)
@@ -217,7 +220,8 @@ class HookedAVModel(HookedRootModule):
                 token = logits.argmax(dim=-1)
             token = torch.where(finished, torch.full_like(token, pad), token)
             new_tokens.append(token)
-            finished |= torch.isin(token, torch.tensor(sorted(eos), device=device)) if eos else finished
+            if eos:
+                finished |= torch.isin(token, torch.tensor(sorted(eos), device=device))
             if bool(finished.all()) or step == max_new_tokens - 1:
                 break
             key_valid = torch.cat([key_valid, torch.ones(batch, 1, dtype=torch.bool, device=device)], dim=1)
