@@ -23,10 +23,11 @@ def tiny_thinker_config(**text_overrides):
                 num_key_value_heads=2, max_position_embeddings=4096,
                 rope_parameters=dict(rope_type="default", rope_theta=1e6, mrope_section=[2, 3, 3]))
     text.update(text_overrides)
+    d_model = text["hidden_size"]
     return Qwen2_5OmniThinkerConfig(
         audio_config=dict(num_mel_bins=MEL, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=32,
-                          d_model=16, output_dim=64, n_window=50, max_source_positions=200),
-        vision_config=dict(depth=2, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=64,
+                          d_model=16, output_dim=d_model, n_window=50, max_source_positions=200),
+        vision_config=dict(depth=2, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=d_model,
                            fullatt_block_indexes=[1], window_size=56, patch_size=14, in_channels=3,
                            temporal_patch_size=2, spatial_merge_size=2),
         text_config=text,
