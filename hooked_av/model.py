@@ -282,6 +282,9 @@ class HookedAVModel(HookedRootModule):
         """Like TransformerLens: returns (output, ActivationCache); `cache["pattern", 0]`, `cache["resid_pre", 3]`.
 
         Attention maps computed in query blocks are concatenated back to full [batch, head, q, k] tensors.
+        As in TransformerLens, no `names_filter` caches every hook, attention maps included: that switches every
+        layer to eager attention and keeps n_layers maps of [batch, head, pos, pos]. On long multimodal sequences
+        pass a `names_filter` (e.g. `lambda n: not n.endswith(("hook_pattern", "hook_attn_scores"))`).
         """
         rows = self._with_single_block() if pos_slice is not None else contextlib.nullcontext()
         with rows:
@@ -303,7 +306,11 @@ class HookedAVModel(HookedRootModule):
 
     @contextlib.contextmanager
     def force_eager_attention(self, enabled: bool = True) -> Iterator[None]:
-        """Run eager (blockwise) attention even without hooks on scores/pattern (e.g. for nnsight tracing)."""
+        """Run eager attention (in query-row blocks) even without hooks on scores/pattern.
+
+        Useful for numerics comparisons against an eager reference. For nnsight tracing use
+        `hooked_av.integrations.nnsight.wrap`, which can also compute each layer's map in one block.
+        """
         old = [b.attn.force_eager for b in self.blocks]
         for b in self.blocks:
             b.attn.force_eager = enabled

@@ -29,23 +29,23 @@ class HookedTower(nn.Module):
 
     Args:
         n_layers: number of encoder layers (one `blocks.{l}` entry each).
-        get_layers: returns the encoder's layer modules (resolved at call time, so weights loaded later are seen).
         order_note: how the per-layer hidden states are ordered (e.g. window order inside Qwen's ViT).
     """
 
-    def __init__(self, n_layers: int, get_layers: Callable[[], list[nn.Module]], order_note: str = ""):
+    def __init__(self, n_layers: int, order_note: str = ""):
         super().__init__()
         self.hook_in = HookPoint()
         self.blocks = nn.ModuleList(TowerBlockHooks() for _ in range(n_layers))
         self.hook_out = HookPoint()
-        self._get_layers = get_layers
         self.order_note = order_note
 
-    def run(self, encode: Callable[[Tensor], Tensor], features: Tensor) -> Tensor:
-        """Run `encode(features)` with the tower's hooks firing; returns the hooked output embeddings."""
+    def run(self, encode: Callable[[Tensor], Tensor], features: Tensor, layers: list[nn.Module]) -> Tensor:
+        """Run `encode(features)` with the tower's hooks firing; returns the hooked output embeddings.
+
+        `layers` are the encoder's layer modules, in order (one `blocks.{l}.hook_resid_post` each).
+        """
         features = self.hook_in(features)
         handles = []
-        layers = self._get_layers()
         for block_hooks, layer in zip(self.blocks, layers, strict=True):
             handles.append(layer.register_forward_hook(_layer_hook(block_hooks.hook_resid_post)))
         try:

@@ -321,10 +321,10 @@ class Qwen25OmniHookedModel(HookedAVModel):
         audio_cfg, vision_cfg = hf_config.audio_config, hf_config.vision_config
         self.audio_encoder = hf.Qwen2_5OmniAudioEncoder._from_config(audio_cfg)
         self.vision_encoder = hf.Qwen2_5OmniVisionEncoder._from_config(vision_cfg)
-        self.audio_tower = HookedTower(audio_cfg.encoder_layers, lambda: list(self.audio_encoder.layers))
+        self.audio_tower = HookedTower(audio_cfg.encoder_layers)
         vit_note = "ViT layer outputs are in window order (transformers' window_index), not raster order"
-        self.video_tower = HookedTower(vision_cfg.depth, lambda: list(self.vision_encoder.blocks), vit_note)
-        self.image_tower = HookedTower(vision_cfg.depth, lambda: list(self.vision_encoder.blocks), vit_note)
+        self.video_tower = HookedTower(vision_cfg.depth, vit_note)
+        self.image_tower = HookedTower(vision_cfg.depth, vit_note)
         self.setup()
 
     # ------------------------------------------------------------ inputs
@@ -381,7 +381,8 @@ class Qwen25OmniHookedModel(HookedAVModel):
         embeds = self.embed(inputs.input_ids)
         mm = inputs.mm
         if mm.get("input_features") is not None:
-            audio = self.audio_tower.run(partial_audio(self, mm["feature_attention_mask"]), mm["input_features"])
+            audio = self.audio_tower.run(partial_audio(self, mm["feature_attention_mask"]), mm["input_features"],
+                                        list(self.audio_encoder.layers))
             embeds = _scatter(embeds, inputs.input_ids == tok.audio, audio, "audio")
         for kind, key, grid_key, token in (("image", "pixel_values", "image_grid_thw", tok.image),
                                            ("video", "pixel_values_videos", "video_grid_thw", tok.video)):
@@ -390,7 +391,8 @@ class Qwen25OmniHookedModel(HookedAVModel):
             tower = self.image_tower if kind == "image" else self.video_tower
             grid = mm[grid_key].to(self.device)
             out = tower.run(lambda px, g=grid: self.vision_encoder(px.type(self.vision_encoder.dtype),
-                                                                   grid_thw=g).pooler_output, mm[key].to(self.device))
+                                                                   grid_thw=g).pooler_output, mm[key].to(self.device),
+                           list(self.vision_encoder.blocks))
             embeds = _scatter(embeds, inputs.input_ids == token, out, kind)
         return embeds
 

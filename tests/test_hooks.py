@@ -181,3 +181,15 @@ def test_sink_hook_values(model, inputs):
         x = cache["resid_pre", layer].float()
         expected = (x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)).abs()[..., [3, 17]]
         torch.testing.assert_close(cache["sink", layer], expected)
+
+
+def test_model_pickles(model):
+    """torch.save of the whole model works (no closures held by modules) and the copy computes the same logits."""
+    import io
+
+    inputs = build_inputs("av", seed=3)
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    copy = torch.load(buf, weights_only=False)
+    torch.testing.assert_close(copy(**inputs), model(**inputs), rtol=0, atol=0)
