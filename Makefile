@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # torch is named in the same pip command as transformer-lens and nnsight, or pip would pick a multi-GB CUDA build.
 TORCH  ?= torch==2.13.0
 DEPS   := "$(TORCH)" "transformers>=5.9,<6" "transformer-lens>=4.3,<5" "nnsight>=0.8" accelerate safetensors \
-          einops jaxtyping tqdm pytest "decord==0.6.0" av soundfile
+          einops jaxtyping tqdm pytest matplotlib pillow "decord==0.6.0" av soundfile
 
 .PHONY: demo test install clean
 

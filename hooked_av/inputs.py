@@ -115,6 +115,22 @@ class ModalityMap:
             self.seconds_per_chunk, dict(self.meta),
         )
 
+    def repeat(self, n: int) -> "ModalityMap":
+        """The map of a batch of one sample repeated `n` times (e.g. one row per patched subset)."""
+        if self.batch_size != 1:
+            raise ValueError(f"repeat needs a map of one sample, got a batch of {self.batch_size}")
+        return ModalityMap(
+            self.modality.expand(n, -1), self.chunk.expand(n, -1), self.time.expand(n, -1),
+            self.grid.expand(n, -1, -1), self.item.expand(n, -1), self.seconds_per_chunk, dict(self.meta),
+        )
+
+    def av_end(self, batch: int = 0) -> int:
+        """One past the last audio or video position of sample `batch` (where the prompt text after the clip
+        starts; the official `text_start`). 0 when the sample has no audio or video."""
+        av = self.mask(Modality.AUDIO)[batch] | self.mask(Modality.VIDEO)[batch]
+        idx = av.nonzero()
+        return int(idx.max()) + 1 if idx.numel() else 0
+
     def same_layout(self, other: "ModalityMap") -> bool:
         """True when both maps describe the same token layout (used to check corrupted inputs)."""
         return (

@@ -23,7 +23,7 @@ from transformer_lens.hook_points import HookPoint
 
 from . import hook_names
 from .components import AttentionMask, KVCache, RMSNorm, RotaryEmbedding, TransformerBlock
-from .config import AVModelConfig
+from .config import AVModelConfig, SinkConstants
 from .inputs import ModalityMap
 
 ReturnType = Literal["logits", "loss", "none"]
@@ -53,6 +53,17 @@ class AVInputs:
         pos = self.position_ids.masked_fill(~self.attention_mask.bool()[None], -1)
         return pos.amax(dim=(0, 2)) + 1
 
+    def repeat(self, n: int) -> "AVInputs":
+        """The decoder-side tensors of one sample repeated `n` times along the batch.
+
+        The multimodal tensors (`mm`) are not repeated: use it with `HookedAVModel.decode` and embeddings
+        computed once (`model.embed_inputs(inputs).expand(n, -1, -1)`), so the towers run once.
+        """
+        if self.input_ids.shape[0] != 1:
+            raise ValueError(f"repeat needs inputs of one sample, got a batch of {self.input_ids.shape[0]}")
+        return AVInputs(self.input_ids.expand(n, -1), self.attention_mask.expand(n, -1),
+                        self.position_ids.expand(-1, n, -1), self.modality_map.repeat(n), {})
+
     def to(self, device: torch.device | str) -> "AVInputs":
         mm = {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in self.mm.items()}
         return AVInputs(self.input_ids.to(device), self.attention_mask.to(device), self.position_ids.to(device),
@@ -71,6 +82,8 @@ class GenerateOutput:
     new_tokens: Int[Tensor, "batch steps"]
     logits: Float[Tensor, "steps batch vocab"]
     prompt_length: int
+    #: generated steps of each row up to and including its eos (the rest is padding)
+    n_steps: Int[Tensor, " batch"] | None = None
 
 
 class HookedAVModel(HookedRootModule):
@@ -119,6 +132,15 @@ class HookedAVModel(HookedRootModule):
 
         return from_hf_model(hf_model, **overrides)
 
+    def set_sinks(self, sinks: SinkConstants) -> None:
+        """Use other sink constants (e.g. from `recipes.sinks.calibrate_sinks`): `hook_sink` then reads `sinks.dims`."""
+        for d in sinks.dims:
+            if not 0 <= d < self.cfg.d_model:
+                raise ValueError(f"sink dim {d} is outside the residual stream (d_model {self.cfg.d_model})")
+        self.cfg.sinks = sinks
+        for block in self.blocks:
+            block.sink_dims = torch.tensor(sinks.dims, dtype=torch.long, device=block.sink_dims.device)
+
     # ------------------------------------------------------------------ family interface
     def prepare_inputs(self, *args: Any, **kwargs: Any) -> AVInputs:
         """Turn the family processor's outputs into AVInputs (positions, ModalityMap). No tower runs here."""
@@ -152,6 +174,16 @@ class HookedAVModel(HookedRootModule):
         """
         inputs = self._as_inputs(args, kwargs)
         embeds = self.embed_inputs(inputs)
+        return self._decode(inputs, embeds, return_type=return_type)
+
+    def decode(
+        self,
+        inputs: AVInputs,
+        embeds: Float[Tensor, "batch pos d_model"],
+        return_type: ReturnType = "logits",
+    ) -> Tensor | None:
+        """The decoder on given input embeddings (from `embed_inputs`), e.g. to run the towers once and the
+        decoder on many patched copies. Hooks fire from `hook_embed` on."""
         return self._decode(inputs, embeds, return_type=return_type)
 
     def _decode(
@@ -211,8 +243,10 @@ class HookedAVModel(HookedRootModule):
         next_pos = inputs.next_position
         finished = torch.zeros(batch, dtype=torch.bool, device=device)
         new_tokens, step_logits = [], []
+        n_steps = torch.zeros(batch, dtype=torch.long, device=device)
         for step in range(max_new_tokens):
             step_logits.append(logits.float())
+            n_steps += (~finished).long()
             if do_sample:
                 probs = F.softmax(logits.float() / temperature, dim=-1)
                 token = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(device)
@@ -234,6 +268,7 @@ class HookedAVModel(HookedRootModule):
             new_tokens=new,
             logits=torch.stack(step_logits, dim=0),
             prompt_length=inputs.input_ids.shape[1],
+            n_steps=n_steps,
         )
 
     def _position_rows(self, inputs: AVInputs) -> int:

@@ -1,0 +1,12 @@
+"""Generic recipes over the uniform hook names: they work on any `HookedAVModel`, never on model-specific code.
+
+- `scoring`: answer probabilities (teacher-forced first token; the official max-over-generated-steps mode).
+- `patching`: restore clean activations of a position set inside a corrupted run; indirect effects.
+- `sinks`: sink values, per-layer and global sinks, sink-dimension calibration.
+- `roles`: how much later video / audio queries attend each sink (MDS), unimodal vs cross-modal split.
+- `amplify`: attention amplification on chosen keys (PAI-style), as a context manager.
+"""
+
+from . import amplify, patching, roles, scoring, sinks
+
+__all__ = ["amplify", "patching", "roles", "scoring", "sinks"]
