@@ -155,6 +155,10 @@ class HookedAVModel(HookedRootModule):
         return self._as_inputs(args, kwargs).modality_map
 
     # ------------------------------------------------------------------ forward
+    def as_inputs(self, inputs: "AVInputs | Mapping[str, Any]") -> AVInputs:
+        """An AVInputs from an AVInputs (returned as is) or a mapping of processor outputs."""
+        return self._as_inputs((inputs,), {})
+
     def _as_inputs(self, args: Sequence[Any], kwargs: dict[str, Any]) -> AVInputs:
         if args and isinstance(args[0], AVInputs):
             if len(args) > 1 or kwargs:

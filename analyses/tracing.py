@@ -1,0 +1,195 @@
+"""The indirect-effect study (the paper's Table 1): restore token subsets of the non-dominant modality inside the
+corrupted run and measure how much of the clean answer comes back.
+
+For each dominant sample (from `dominance.jsonl`): the corrupted run silences the dominant modality at the raw
+input (audio-dominant: zeroed audio; video-dominant: black frames); the base tokens are those of the other
+modality. Subsets of base positions (official `--replace_mode` names):
+  all; object (when the sample knows where the object is); and for each N in `n_divs`: sink (base tokens among
+  the global sinks with K = int(T/N)), random_sink_num (seeded random base tokens, as many as sink),
+  cross_modal_sink and uni_modal_sink (the split of the sinks by their MDS, `split_rule`).
+Each subset is restored at `site` over `layers` (official: before_attn at every layer) and scored with the same
+prompt as the corrupted run (one prompt for all runs; the official code mixes two, METHOD.md §8). One JSONL line
+per sample holds every subset's probabilities and indirect effects; a killed run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from hooked_av.recipes import patching, roles, scoring, sinks
+
+from .records import RecordStore, write_settings
+from .study import BASE_MODALITY, CORRUPTED_CONDITION, PreparedSample, SampleSource
+
+RECORDS_FILE = "tracing.jsonl"
+SUBSETS_WITH_N = ("sink", "random_sink_num", "cross_modal_sink", "uni_modal_sink")
+
+
+@dataclass(frozen=True)
+class TraceSettings:
+    site: str = "before_attn"
+    layers: tuple[int, ...] | None = None  # None = every layer (official)
+    n_divs: tuple[int, ...] = (2, 3, 4)
+    split_rule: str = "official"
+    mode: scoring.ScoreMode = "teacher_forced"
+    seed: int = 0
+    batch_size: int = 8
+    max_new_tokens: int = 8  # official scoring mode only
+    subsets: tuple[str, ...] = ("all", "object", *SUBSETS_WITH_N)
+
+
+@dataclass
+class SampleSinks:
+    """Sink statistics of the clean run kept in the record (small: counts and the base sinks' MDS)."""
+
+    per_layer: dict[str, list[int]] = field(default_factory=dict)  # modality -> sink count per layer
+    frequency: dict[str, list[int]] = field(default_factory=dict)  # modality -> #layers each ever-sink token is a sink
+    global_base: dict[int, list[int]] = field(default_factory=dict)  # N -> base sinks in frequency order
+    mean_mds: dict[int, float] = field(default_factory=dict)  # base sink position -> layer-mean MDS
+    history: dict[int, dict[str, list[float]]] = field(default_factory=dict)
+
+
+def random_subset(base: Sequence[int], size: int, seed: int, sample_id: str, n_div: int) -> list[int]:
+    """`size` base positions drawn without replacement, seeded by (seed, sample id, N): the same seed gives the
+    same subset in every run and on every machine."""
+    rng = np.random.default_rng([seed, zlib.crc32(sample_id.encode()), n_div])
+    size = min(size, len(base))
+    return sorted(int(p) for p in rng.choice(np.asarray(base), size=size, replace=False)) if size else []
+
+
+def sample_sinks(model: Any, clean: Any, base: str, n_divs: Sequence[int]) -> SampleSinks:
+    tau = model.cfg.sinks.tau
+    if tau is None or not model.cfg.sinks.dims:
+        raise ValueError(f"{model.cfg.model_name} has no sink constants; calibrate them (hooked-av calibrate) "
+                         "or load a preset that has them")
+    av = model.as_inputs(clean)
+    mm = av.modality_map
+    is_sink = sinks.layer_sinks(sinks.sink_values(model, av)[:, 0], tau)  # [layer, pos]
+    out = SampleSinks()
+    freq = is_sink.sum(0)
+    for name in ("video", "audio", "text"):
+        m = mm.mask(name)[0]
+        out.per_layer[name] = (is_sink & m[None]).sum(1).tolist()
+        out.frequency[name] = freq[m & (freq > 0)].tolist()
+    widest: list[int] = []
+    for n in sorted(n_divs, reverse=True):  # the smallest N has the most sinks: its roles cover the others
+        g = sinks.global_sinks(is_sink, mm, k_divide=n)
+        out.global_base[n] = g.of(base)
+        widest = g.video + g.audio  # official history order: video sinks, then audio sinks
+    if widest:
+        r = roles.modality_attention(model, av, widest)
+        keep = set(out.global_base[min(n_divs)])
+        out.mean_mds = {p: float(v) for p, v in zip(r.positions, r.mean_mds.tolist()) if p in keep}
+        out.history = r.history()
+    return out
+
+
+def trace_sample(
+    model: Any, sample: PreparedSample, dominant: str, o_clean: str, o_corrupt: str, settings: TraceSettings
+) -> tuple[dict[str, Any], SampleSinks]:
+    """Every subset's restored probabilities and indirect effects for one dominant sample (the record), and the
+    clean run's sink statistics (with the MDS history of the global sinks of the smallest N)."""
+    sample.check_layouts(model)
+    base = BASE_MODALITY[dominant]
+    clean = model.as_inputs(sample.inputs["av"])
+    corrupt = model.as_inputs(sample.inputs[CORRUPTED_CONDITION[dominant]])
+    base_positions = clean.modality_map.positions(base).tolist()
+    answers = {"clean": sample.choices[o_clean], "corrupt": sample.choices[o_corrupt]}
+    p_corrupt = scoring.score(model, corrupt, answers, mode=settings.mode, max_new_tokens=settings.max_new_tokens)
+
+    needs_sinks = any(s in settings.subsets for s in SUBSETS_WITH_N)
+    st = sample_sinks(model, clean, base, settings.n_divs) if needs_sinks else SampleSinks()
+    subsets: list[tuple[str, int | None, list[int]]] = []
+    if "all" in settings.subsets:
+        subsets.append(("all", None, base_positions))
+    if "object" in settings.subsets and sample.object_positions and sample.object_positions.get(base):
+        subsets.append(("object", None, sorted(sample.object_positions[base])))
+    for n in settings.n_divs if needs_sinks else ():
+        sink_set = st.global_base[n]
+        uni, cross = roles.split_sinks(sink_set, [st.mean_mds[p] for p in sink_set], dominant,
+                                       rule=settings.split_rule)  # type: ignore[arg-type]
+        chosen = {"sink": sorted(sink_set),
+                  "random_sink_num": random_subset(base_positions, len(sink_set), settings.seed, sample.id, n),
+                  "cross_modal_sink": sorted(cross), "uni_modal_sink": sorted(uni)}
+        subsets += [(name, n, chosen[name]) for name in SUBSETS_WITH_N if name in settings.subsets]
+
+    union = sorted({p for _, _, s in subsets for p in s})
+    layers = list(settings.layers) if settings.layers is not None else None
+    acts = patching.capture(model, clean, union, site=settings.site, layers=layers)  # type: ignore[arg-type]
+    restored = patching.patched_probs(model, acts, corrupt, [s for _, _, s in subsets], answers,
+                                      mode=settings.mode, batch_size=settings.batch_size,
+                                      max_new_tokens=settings.max_new_tokens)
+    cells = []
+    for i, (name, n, positions) in enumerate(subsets):
+        ie = patching.indirect_effect(float(p_corrupt["clean"][0]), float(restored["clean"][i]),
+                                      float(p_corrupt["corrupt"][0]), float(restored["corrupt"][i]))
+        cells.append({"subset": name, "n_div": n, "size": len(positions), "positions": positions, **asdict(ie)})
+    return {
+        "id": sample.id, "dominant": dominant, "base": base, "o_clean": o_clean, "o_corrupt": o_corrupt,
+        "label": sample.label, "n_base": len(base_positions), "seq_len": clean.input_ids.shape[1],
+        "cells": cells,
+        "sinks": {"per_layer": st.per_layer, "frequency": st.frequency,
+                  "global_base": {str(k): v for k, v in st.global_base.items()},
+                  "mean_mds": {str(k): v for k, v in st.mean_mds.items()}},
+    }, st
+
+
+def run_tracing(
+    model: Any,
+    source: SampleSource,
+    dominance_records: Sequence[Mapping[str, Any]],
+    out: str | Path,
+    settings: TraceSettings = TraceSettings(),
+    run_info: Mapping[str, Any] | None = None,
+    resume: bool = True,
+    history_dir: str | Path | None = None,
+) -> Path:
+    """Trace every dominant sample not yet in `out/tracing/tracing.jsonl`.
+
+    `history_dir`, when given, also receives each sample's MDS history in the official layout
+    (`k_divde_<N>/<id>_history.json`, N = the smallest of `n_divs`).
+    """
+    out = Path(out)
+    write_settings(out / "tracing", {"study": "tracing", **asdict(settings), **(run_info or {})}, resume)
+    store = RecordStore(out / "tracing" / RECORDS_FILE, resume=resume)
+    todo = [r for r in dominance_records if r.get("dominant") in ("audio", "video")]
+    torch.manual_seed(settings.seed)
+    for rec in tqdm(todo, desc="tracing"):
+        if rec["id"] in store:
+            continue
+        dominant = rec["dominant"]
+        sample = source.prepare(rec["id"])
+        record, st = trace_sample(model, sample, dominant, rec["pred"]["av"],
+                                  rec["pred"][CORRUPTED_CONDITION[dominant]], settings)
+        if history_dir is not None and st.history:
+            from . import official
+
+            history = {p: official.SinkHistory(**h) for p, h in st.history.items()}
+            official.write_history(official.history_path(history_dir, sample.id, min(settings.n_divs)), history)
+        store.append(record)
+    return store.path
+
+
+def ie_cells(records: Sequence[Mapping[str, Any]], method: str = "t", seed: int = 0) -> list[Any]:
+    """Mean and 95% CI of IE_clean and IE_corrupt per (dominant, subset, N) over the traced samples."""
+    from .report import IECell
+    from .stats import mean_ci
+
+    groups: dict[tuple[str, str, int | None], dict[str, list[float]]] = {}
+    for rec in records:
+        for cell in rec["cells"]:
+            g = groups.setdefault((rec["dominant"], cell["subset"], cell["n_div"]), {"clean": [], "corrupt": []})
+            g["clean"].append(cell["ie_clean"])
+            g["corrupt"].append(cell["ie_corrupt"])
+    return [IECell(subset=s, n_div=n, dominant=d,  # type: ignore[arg-type]
+                   ie_clean=mean_ci(v["clean"], method=method, seed=seed),  # type: ignore[arg-type]
+                   ie_corrupt=mean_ci(v["corrupt"], method=method, seed=seed))  # type: ignore[arg-type]
+            for (d, s, n), v in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2] or 0))]
