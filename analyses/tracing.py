@@ -14,6 +14,7 @@ per sample holds every subset's probabilities and indirect effects; a killed run
 
 from __future__ import annotations
 
+import json
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -193,3 +194,38 @@ def ie_cells(records: Sequence[Mapping[str, Any]], method: str = "t", seed: int 
                    ie_clean=mean_ci(v["clean"], method=method, seed=seed),  # type: ignore[arg-type]
                    ie_corrupt=mean_ci(v["corrupt"], method=method, seed=seed))  # type: ignore[arg-type]
             for (d, s, n), v in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2] or 0))]
+
+
+def write_report(out: str | Path, ci_method: str = "t", seed: int = 0) -> dict[str, Path]:
+    """Tables and plots of a tracing run (`out/tracing/`): ie_table.md / .csv, ie_bars.png, sinks_per_layer.png,
+    sink_frequency.png, mds.png. Every file is written atomically; returns their paths."""
+    from . import report
+    from .records import atomic_write_text
+
+    folder = Path(out) / "tracing"
+    records = RecordStore(folder / RECORDS_FILE).read()
+    if not records:
+        raise ValueError(f"{folder / RECORDS_FILE}: no tracing records to report")
+    settings = json.loads((folder / "settings.json").read_text(encoding="utf-8"))
+    cells = ie_cells(records, method=ci_method, seed=seed)
+    header = (f"# Indirect effects ({len(records)} samples; site {settings['site']}, layers "
+              f"{settings['layers'] or 'all'}, scoring {settings['mode']}, split {settings['split_rule']}, "
+              f"seed {settings['seed']}; 95% CI, {ci_method})\n\n")
+    paths = {
+        "table_md": atomic_write_text(folder / "ie_table.md", header + report.ie_table_markdown(cells) + "\n"),
+        "table_csv": atomic_write_text(folder / "ie_table.csv", report.ie_table_csv(cells)),
+        "ie_bars": report.plot_ie_bars(cells, folder / "ie_bars.png"),
+    }
+    with_sinks = [r for r in records if r["sinks"]["per_layer"]]
+    if with_sinks:
+        n_layers = len(with_sinks[0]["sinks"]["per_layer"]["video"])
+        mean_per_layer = {m: [float(np.mean([r["sinks"]["per_layer"][m][layer] for r in with_sinks]))
+                              for layer in range(n_layers)] for m in ("video", "audio", "text")}
+        paths["sinks_per_layer"] = report.plot_sinks_per_layer(mean_per_layer, folder / "sinks_per_layer.png")
+        freqs = {m: [f for r in with_sinks for f in r["sinks"]["frequency"][m]] for m in ("video", "audio", "text")}
+        paths["sink_frequency"] = report.plot_sink_frequency_histogram(freqs, folder / "sink_frequency.png")
+        mds = {f"{base} sinks ({'audio' if base == 'video' else 'video'}-dominant)":
+               [v for r in with_sinks if r["base"] == base for v in r["sinks"]["mean_mds"].values()]
+               for base in ("video", "audio")}
+        paths["mds"] = report.plot_mds_distributions(mds, folder / "mds.png")
+    return paths

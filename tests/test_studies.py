@@ -128,3 +128,12 @@ def test_tracing_run_resumes_and_is_reproducible(smodel, source, tmp_path):
     audio_all = [c for c in cells if c.dominant == "audio" and c.subset == "all"][0]
     vals = [next(x["ie_clean"] for x in r["cells"] if x["subset"] == "all") for r in again if r["dominant"] == "audio"]
     assert audio_all.ie_clean.n == 2 and audio_all.ie_clean.mean == pytest.approx(sum(vals) / 2)
+
+
+def test_tracing_report_writes_tables_and_plots(smodel, source, tmp_path):
+    tracing.run_tracing(smodel, source, fake_dominance(source), tmp_path, tracing.TraceSettings(n_divs=(2, 3)))
+    paths = tracing.write_report(tmp_path)
+    table = paths["table_md"].read_text()
+    assert "| Cross-modal sink | 3 |" in table and "seed 0" in table
+    for key in ("ie_bars", "sinks_per_layer", "sink_frequency", "mds"):
+        assert paths[key].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
