@@ -1,26 +1,237 @@
-"""`hooked-av` command line."""
+"""`hooked-av` command line: the paper's studies on any model of the zoo.
+
+    hooked-av dominance --model qwen2.5-omni-7b --checkpoint DIR --data people_case_2.json --media-root M --out runs/x
+    hooked-av trace     --model qwen2.5-omni-7b --checkpoint DIR --data people_case_2.json --media-root M --out runs/x
+    hooked-av report    --out runs/x
+    hooked-av calibrate --model DIR --data LIST --media-root M --out runs/cal
+    hooked-av official-ie --stage2 before_attn_layer0_window50people.json
+
+Runs append one JSON line per sample and resume where they stopped; settings and seeds are in settings.json.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
+from pathlib import Path
+from typing import Any
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="hooked-av", description=__doc__)
+def _ints(text: str) -> tuple[int, ...]:
+    """"2,3,4" or "0-27" or "6-27,3"."""
+    out: list[int] = []
+    for part in text.split(","):
+        if "-" in part:
+            a, b = part.split("-")
+            out += range(int(a), int(b) + 1)
+        elif part:
+            out.append(int(part))
+    return tuple(out)
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="preset (qwen2.5-omni-7b, ...), checkpoint dir, or 'tiny'")
+    p.add_argument("--checkpoint", help="local HF checkpoint directory for a preset")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16, ... (default: the checkpoint's)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--sink-dims", type=_ints, default=None, help="override the preset's sink dims, e.g. 458,2570")
+    p.add_argument("--tau", type=float, default=None, help="override the preset's sink threshold")
+
+
+def _data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, help="official VGGSound multiple-choice sample list (JSON)")
+    p.add_argument("--media-root", default=None, help="folder the list's media paths are relative to")
+    p.add_argument("--data-step", type=int, default=1, choices=(1, 2), help="which official list format it is")
+    p.add_argument("--prompt-step", type=int, default=1, choices=(1, 2),
+                   help="official prompt used for every run (1: single newline, 2: blank line before 'Respond')")
+    p.add_argument("--limit", type=int, default=None, help="first N samples only")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mode", default="teacher_forced", choices=("teacher_forced", "official"),
+                   help="answer probability: teacher-forced first token, or official max over generated steps")
+    p.add_argument("--no-resume", action="store_true", help="start over instead of resuming")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hooked-av", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="run the demo on the embedded default model")
     demo.add_argument("--out", default="runs/demo")
     demo.add_argument("--seed", type=int, default=0)
     sub.add_parser("hooks", help="list the uniform hook names of the tiny demo model")
-    args = parser.parse_args(argv)
-    from analyses import demo as demo_mod
 
-    if args.command == "demo":
-        return demo_mod.run(out=args.out, seed=args.seed)
-    if args.command == "hooks":
-        return demo_mod.list_hooks()
-    return 1
+    dom = sub.add_parser("dominance", help="unimodal-dominance filtering (a / v / av runs)")
+    _model_args(dom), _data_args(dom)
+
+    tr = sub.add_parser("trace", help="indirect effects of restoring token subsets (Table 1)")
+    _model_args(tr), _data_args(tr)
+    tr.add_argument("--dominance", default="run", choices=("run", "list"),
+                    help="'run': the dominance study's records in --out; 'list': the av/a/v letters stored in --data")
+    tr.add_argument("--site", default="before_attn", choices=("before_attn", "kv", "resid_pre", "attn_out", "mlp_out"))
+    tr.add_argument("--layers", type=_ints, default=None, help="layers to patch, e.g. 0-27 (default: all)")
+    tr.add_argument("--n-divs", type=_ints, default=(2, 3, 4), help="N of K = int(T/N), e.g. 2,3,4")
+    tr.add_argument("--split-rule", default="official", choices=("official", "threshold"))
+    tr.add_argument("--batch-size", type=int, default=8, help="patched copies per decoder pass")
+    tr.add_argument("--object-blocks", default=None, help="official important_seconds JSON (audio object tokens)")
+    tr.add_argument("--strict-level", default="high", choices=("high", "very_high"))
+    tr.add_argument("--history", action="store_true", help="also write official history JSON files")
+
+    rep = sub.add_parser("report", help="tables and plots of the runs in --out")
+    rep.add_argument("--out", required=True)
+    rep.add_argument("--ci", default="t", choices=("t", "bootstrap"))
+
+    cal = sub.add_parser("calibrate", help="find sink dims and tau for a model without known constants")
+    _model_args(cal), _data_args(cal)
+    cal.add_argument("--n-dims", type=int, default=2)
+    cal.add_argument("--tau-rule", default="scaled", choices=("scaled", "gap"))
+
+    oie = sub.add_parser("official-ie", help="IE_clean / IE_corrupt of official stage-2 records (causal_effect.py)")
+    oie.add_argument("--stage2", required=True, nargs="+")
+    oie.add_argument("--threshold", type=int, default=None)
+    return parser
+
+
+def _source(args: argparse.Namespace, rt: Any) -> Any:
+    from .datasets import load_vggsound_mc
+    from .sources import VGGSoundSource, load_object_blocks
+
+    samples = load_vggsound_mc(args.data, media_root=args.media_root, step=args.data_step)
+    if args.limit is not None:
+        samples = samples[: args.limit]
+    blocks = load_object_blocks(args.object_blocks) if getattr(args, "object_blocks", None) else None
+    return VGGSoundSource(samples, rt.process, rt.tokenizer, prompt_step=args.prompt_step, object_blocks=blocks,
+                          strict_level=getattr(args, "strict_level", "high"), model=rt.model), samples
+
+
+def _run_info(args: argparse.Namespace, rt: Any) -> dict[str, Any]:
+    return {**rt.info, "data": str(Path(args.data).resolve()), "data_step": args.data_step,
+            "prompt_step": args.prompt_step, "limit": args.limit}
+
+
+def _runtime(args: argparse.Namespace) -> Any:
+    from .runtime import load_runtime
+
+    return load_runtime(args.model, args.checkpoint, args.dtype, args.device, seed=args.seed,
+                        sink_dims=args.sink_dims, tau=args.tau)
+
+
+def cmd_dominance(args: argparse.Namespace) -> int:
+    from .dominance import DominanceSettings, run_dominance
+    from .records import RecordStore
+
+    rt = _runtime(args)
+    source, _ = _source(args, rt)
+    path = run_dominance(rt.model, source, args.out, DominanceSettings(mode=args.mode, seed=args.seed),
+                         run_info=_run_info(args, rt), resume=not args.no_resume)
+    recs = RecordStore(path).read()
+    counts = {d: sum(r["dominant"] == d for r in recs) for d in ("audio", "video", None)}
+    print(f"{path}: {len(recs)} samples; audio-dominant {counts['audio']}, video-dominant {counts['video']}, "
+          f"neither {counts[None]}")
+    return 0
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    from .dominance import RECORDS_FILE, dominance_of
+    from .records import RecordStore
+    from .tracing import TraceSettings, run_tracing, write_report
+
+    rt = _runtime(args)
+    source, samples = _source(args, rt)
+    if args.dominance == "list":
+        dom = []
+        for s in samples:
+            pred = {"av": s.av, "a": s.a, "v": s.v}
+            if None in pred.values():
+                raise ValueError(f"{args.data}: sample {s.sample_id} has no stored av/a/v letters (--dominance run)")
+            dom.append({"id": s.sample_id, "pred": pred, "dominant": dominance_of(pred)})
+    else:
+        path = Path(args.out) / "dominance" / RECORDS_FILE
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: run `hooked-av dominance` first, or pass --dominance list")
+        dom = RecordStore(path).read()
+    settings = TraceSettings(site=args.site, layers=args.layers, n_divs=tuple(args.n_divs),
+                             split_rule=args.split_rule, mode=args.mode, seed=args.seed, batch_size=args.batch_size)
+    info = {**_run_info(args, rt), "dominance_source": args.dominance, "object_blocks": args.object_blocks,
+            "strict_level": args.strict_level}
+    history = Path(args.out) / "history" if args.history else None
+    path = run_tracing(rt.model, source, dom, args.out, settings, run_info=info, resume=not args.no_resume,
+                       history_dir=history)
+    paths = write_report(args.out, seed=args.seed)
+    print(f"{path}: {len(RecordStore(path).read())} samples traced")
+    print(paths["table_md"].read_text(encoding="utf-8"))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .tracing import write_report
+
+    paths = write_report(args.out, ci_method=args.ci)
+    print(paths["table_md"].read_text(encoding="utf-8"))
+    for name, p in paths.items():
+        print(f"{name}: {p}")
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from hooked_av.recipes.sinks import calibrate_sinks
+
+    from .records import atomic_write_text
+
+    rt = _runtime(args)
+    source, _ = _source(args, rt)
+    samples = (source.prepare(i).inputs["av"] for i in source.ids())
+    cal = calibrate_sinks(rt.model, samples, n_dims=args.n_dims, tau_rule=args.tau_rule)
+    result = {**cal.to_dict(), "run": _run_info(args, rt)}
+    path = atomic_write_text(Path(args.out) / "calibration.json", json.dumps(result, indent=2) + "\n")
+    print(f"sink dims {list(cal.sinks.dims)}, tau {cal.sinks.tau:.3f} ({args.tau_rule}); "
+          f"scaled {cal.tau_scaled:.3f}, gap {cal.tau_gap:.3f}; max possible {cal.max_possible:.1f} -> {path}")
+    return 0
+
+
+def cmd_official_ie(args: argparse.Namespace) -> int:
+    from .official import ie_summary, read_stage2
+
+    for f in args.stage2:
+        r = ie_summary(read_stage2(f), threshold=args.threshold)
+        print(f"{f}: IE_clean {r.ie_clean:.2f}  IE_corrupt {r.ie_corrupt:.2f}  (n {r.n}, "
+              f"mean layerlist_len {r.mean_layerlist_len:.1f})")
+    return 0
+
+
+#: errors that come from the user's input: printed as one line, exit status 2
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from hooked_av.checkpoint import CheckpointError
+    from hooked_av.hook_names import UnknownHookNameError
+    from hooked_av.inputs import LayoutError
+    from hooked_av.media import MediaError
+
+    from .datasets import DatasetError
+    from .objects import ObjectMaskError
+    from .official import OfficialFormatError
+    from .records import RunSettingsError
+
+    return (CheckpointError, UnknownHookNameError, LayoutError, MediaError, DatasetError, ObjectMaskError,
+            OfficialFormatError, RunSettingsError, FileNotFoundError, ValueError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command in ("demo", "hooks"):
+        from analyses import demo as demo_mod
+
+        return demo_mod.run(out=args.out, seed=args.seed) if args.command == "demo" else demo_mod.list_hooks()
+    commands = {"dominance": cmd_dominance, "trace": cmd_trace, "report": cmd_report, "calibrate": cmd_calibrate,
+                "official-ie": cmd_official_ie}
+    try:
+        return commands[args.command](args)
+    except _user_errors() as e:
+        if os.environ.get("HOOKED_AV_DEBUG"):
+            raise
+        print(f"hooked-av {args.command}: error: {e}  (HOOKED_AV_DEBUG=1 shows the traceback)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -371,3 +371,30 @@ class Qwen25OmniMediaProcessor:
             return self(raw, text_ids_before, text_ids_after, use_audio_in_video=use_audio_in_video)
 
         return process
+
+
+#: the Qwen chat template around one user turn whose media come first (what `apply_chat_template` renders for
+#: [system, user(video, text)] with `add_generation_prompt=True`); the media blocks go between the two parts
+QWEN_CHAT_BEFORE = "<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n"
+QWEN_CHAT_AFTER = "{prompt}<|im_end|>\n<|im_start|>assistant\n"
+#: the system prompt of the paper's runs (not Qwen's default speech-enabling one)
+DEFAULT_SYSTEM = "You are a helpful assistant."
+
+
+@dataclasses.dataclass
+class ChatProcessor:
+    """(RawAV, prompt) -> processor outputs of a one-turn chat: system message, then the user's clip and prompt.
+
+    Equals rendering the official conversation with the chat template and running the processor on it."""
+
+    media: Qwen25OmniMediaProcessor
+    system: str = DEFAULT_SYSTEM
+    use_audio_in_video: bool = True
+
+    def __post_init__(self) -> None:
+        if self.media.tokenizer is None:
+            raise ValueError("ChatProcessor needs a media processor with a tokenizer")
+
+    def __call__(self, raw: RawAV, prompt: str) -> dict[str, Any]:
+        return self.media(raw, QWEN_CHAT_BEFORE.format(system=self.system), QWEN_CHAT_AFTER.format(prompt=prompt),
+                          use_audio_in_video=self.use_audio_in_video)

@@ -158,3 +158,28 @@ def collate(samples: list[dict], padding_side: str = "left") -> dict:
     if any(s.get("use_audio_in_video") for s in samples):
         out["use_audio_in_video"] = True
     return out
+
+
+class TinyTokenizer:
+    """A character-level stand-in tokenizer for the tiny random thinker (ids < 400), so the text side of the
+    pipeline (prompts, answer letters) runs without a real vocabulary. Qwen chat markers map to fixed ids."""
+
+    SPECIAL = {"<|im_start|>": 480, "<|im_end|>": 481}
+    CHARS = 400
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        ids, i = [], 0
+        while i < len(text):
+            for marker, tid in self.SPECIAL.items():
+                if text.startswith(marker, i):
+                    ids.append(tid)
+                    i += len(marker)
+                    break
+            else:
+                ids.append(ord(text[i]) % self.CHARS)
+                i += 1
+        return ids
+
+    def decode(self, ids: list[int]) -> str:
+        inverse = {v: k for k, v in self.SPECIAL.items()}
+        return "".join(inverse.get(i, chr(i) if i < self.CHARS else "") for i in ids)

@@ -1,0 +1,61 @@
+"""What the CLI loads: a model, its tokenizer and its processor path, from `--model` / `--checkpoint`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hooked_av import HookedAVModel, SinkConstants
+
+TINY = "tiny"
+#: sink constants for the tiny random thinker: its values are plain noise, so these only exercise the machinery
+TINY_SINKS = SinkConstants(dims=(7, 11), tau=1.5, provenance="arbitrary (tiny random model)", calibrated=False)
+
+
+@dataclass
+class Runtime:
+    model: Any
+    tokenizer: Any
+    process: Any  # (RawAV, prompt) -> processor outputs
+    info: dict[str, Any]
+
+
+def load_runtime(model: str, checkpoint: str | None = None, dtype: str | None = None, device: str = "cpu",
+                 seed: int = 0, sink_dims: tuple[int, ...] | None = None, tau: float | None = None) -> Runtime:
+    """`model` is a preset name (with `checkpoint`), a checkpoint directory, or "tiny" (random, for tests)."""
+    from model_zoo.qwen2_5_omni_processing import ChatProcessor, Qwen25OmniMediaProcessor
+
+    torch.manual_seed(seed)
+    if model == TINY:
+        from model_zoo.tiny import TinyTokenizer, tiny_hf_thinker
+
+        hooked = HookedAVModel.from_hf_model(tiny_hf_thinker(seed=seed), sinks=TINY_SINKS)
+        tokenizer = TinyTokenizer()
+    else:
+        hooked = HookedAVModel.from_pretrained(model, checkpoint=checkpoint, dtype=dtype, device=device)
+        tokenizer = _local_tokenizer(Path(checkpoint or model))
+    if sink_dims is not None or tau is not None:
+        s = hooked.cfg.sinks
+        hooked.set_sinks(SinkConstants(dims=tuple(sink_dims) if sink_dims is not None else s.dims,
+                                       tau=tau if tau is not None else s.tau, eps=s.eps,
+                                       provenance="given on the command line", calibrated=True))
+    hooked.eval()
+    process = ChatProcessor(Qwen25OmniMediaProcessor.from_model(hooked, tokenizer))
+    info = {"model": model, "checkpoint": checkpoint, "dtype": str(hooked.dtype), "device": str(hooked.device),
+            "model_seed": seed if model == TINY else None, "sinks": hooked.cfg.sinks.to_dict(),
+            "n_layers": hooked.cfg.n_layers, "torch": torch.__version__}
+    return Runtime(hooked, tokenizer, process, info)
+
+
+def _local_tokenizer(path: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no checkpoint directory to read the tokenizer from (pass --checkpoint)")
+    try:
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise FileNotFoundError(f"{path}: no tokenizer files there ({e})") from None
