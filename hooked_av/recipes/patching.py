@@ -178,6 +178,9 @@ class IndirectEffect:
 def indirect_effect(
     p_corrupt_clean: float, p_restored_clean: float, p_corrupt_corrupt: float, p_restored_corrupt: float
 ) -> IndirectEffect:
+    """IE_clean and IE_corrupt in percentage points (floats or 0-d tensors in, floats out)."""
+    p_corrupt_clean, p_restored_clean = float(p_corrupt_clean), float(p_restored_clean)
+    p_corrupt_corrupt, p_restored_corrupt = float(p_corrupt_corrupt), float(p_restored_corrupt)
     return IndirectEffect(
         ie_clean=PP * (p_restored_clean - p_corrupt_clean),
         ie_corrupt=PP * (p_corrupt_corrupt - p_restored_corrupt),
