@@ -51,6 +51,8 @@ def _data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mode", default="teacher_forced", choices=("teacher_forced", "official"),
                    help="answer probability: teacher-forced first token, or official max over generated steps")
+    p.add_argument("--max-new-tokens", type=int, default=1024,
+                   help="generation length in official mode (the official scripts use 1024)")
     p.add_argument("--no-resume", action="store_true", help="start over instead of resuming")
 
 
@@ -69,7 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("trace", help="indirect effects of restoring token subsets (Table 1)")
     _model_args(tr), _data_args(tr)
     tr.add_argument("--dominance", default="run", choices=("run", "list"),
-                    help="'run': the dominance study's records in --out; 'list': the av/a/v letters stored in --data")
+                    help="'run': the dominance study's records in --out; 'list': the letters stored in --data "
+                         "(step 1: av/a/v; step 2: correct_pred/corrupt_pred with --dominant)")
+    tr.add_argument("--dominant", choices=("audio", "video"), default=None,
+                    help="with a step-2 list: which modality dominates every sample (people: audio, sports: video)")
+    tr.add_argument("--min-audio-chunks", type=int, default=None,
+                    help="skip samples whose audio spans fewer 2-s chunks (official video-dominant script: 5)")
     tr.add_argument("--site", default="before_attn", choices=("before_attn", "kv", "resid_pre", "attn_out", "mlp_out"))
     tr.add_argument("--layers", type=_ints, default=None, help="layers to patch, e.g. 0-27 (default: all)")
     tr.add_argument("--n-divs", type=_ints, default=(2, 3, 4), help="N of K = int(T/N), e.g. 2,3,4")
@@ -87,6 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(cal), _data_args(cal)
     cal.add_argument("--n-dims", type=int, default=2)
     cal.add_argument("--tau-rule", default="scaled", choices=("scaled", "gap"))
+
+    exp = sub.add_parser("export-official", help="a trace run's subset as official stage-2 JSONL")
+    exp.add_argument("--out", required=True, help="the run folder (holding tracing/)")
+    exp.add_argument("--subset", default="cross_modal_sink")
+    exp.add_argument("--n-div", type=int, default=2, help="N of the subset (ignored for all / object)")
+    exp.add_argument("--file", required=True, help="where to write the stage-2 JSONL")
 
     oie = sub.add_parser("official-ie", help="IE_clean / IE_corrupt of official stage-2 records (causal_effect.py)")
     oie.add_argument("--stage2", required=True, nargs="+")
@@ -124,7 +137,8 @@ def cmd_dominance(args: argparse.Namespace) -> int:
 
     rt = _runtime(args)
     source, _ = _source(args, rt)
-    path = run_dominance(rt.model, source, args.out, DominanceSettings(mode=args.mode, seed=args.seed),
+    settings = DominanceSettings(mode=args.mode, seed=args.seed, max_new_tokens=args.max_new_tokens)
+    path = run_dominance(rt.model, source, args.out, settings,
                          run_info=_run_info(args, rt), resume=not args.no_resume)
     recs = RecordStore(path).read()
     counts = {d: sum(r["dominant"] == d for r in recs) for d in ("audio", "video", None)}
@@ -133,29 +147,43 @@ def cmd_dominance(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stored_dominance(args: argparse.Namespace, s: Any) -> dict[str, Any]:
+    """A dominance record from the letters stored in an official list."""
+    from .dominance import dominance_of
+    from .study import CORRUPTED_CONDITION
+
+    if args.data_step == 2:
+        if args.dominant is None:
+            raise ValueError("a step-2 list does not say which modality dominates: pass --dominant audio|video")
+        if s.correct_pred is None or s.corrupt_pred is None:
+            raise ValueError(f"{args.data}: sample {s.sample_id} has no stored correct_pred/corrupt_pred")
+        pred = {"av": s.correct_pred, CORRUPTED_CONDITION[args.dominant]: s.corrupt_pred}
+        return {"id": s.sample_id, "pred": pred, "dominant": args.dominant}
+    pred = {"av": s.av, "a": s.a, "v": s.v}
+    if None in pred.values():
+        raise ValueError(f"{args.data}: sample {s.sample_id} has no stored av/a/v letters (use --dominance run)")
+    return {"id": s.sample_id, "pred": pred, "dominant": dominance_of(pred)}
+
+
 def cmd_trace(args: argparse.Namespace) -> int:
-    from .dominance import RECORDS_FILE, dominance_of
+    from .dominance import RECORDS_FILE
     from .records import RecordStore
     from .tracing import TraceSettings, run_tracing, write_report
 
     rt = _runtime(args)
     source, samples = _source(args, rt)
     if args.dominance == "list":
-        dom = []
-        for s in samples:
-            pred = {"av": s.av, "a": s.a, "v": s.v}
-            if None in pred.values():
-                raise ValueError(f"{args.data}: sample {s.sample_id} has no stored av/a/v letters (--dominance run)")
-            dom.append({"id": s.sample_id, "pred": pred, "dominant": dominance_of(pred)})
+        dom = [_stored_dominance(args, s) for s in samples]
     else:
         path = Path(args.out) / "dominance" / RECORDS_FILE
         if not path.exists():
             raise FileNotFoundError(f"{path}: run `hooked-av dominance` first, or pass --dominance list")
         dom = RecordStore(path).read()
     settings = TraceSettings(site=args.site, layers=args.layers, n_divs=tuple(args.n_divs),
-                             split_rule=args.split_rule, mode=args.mode, seed=args.seed, batch_size=args.batch_size)
-    info = {**_run_info(args, rt), "dominance_source": args.dominance, "object_blocks": args.object_blocks,
-            "strict_level": args.strict_level}
+                             split_rule=args.split_rule, mode=args.mode, seed=args.seed, batch_size=args.batch_size,
+                             max_new_tokens=args.max_new_tokens, min_audio_chunks=args.min_audio_chunks)
+    info = {**_run_info(args, rt), "dominance_source": args.dominance, "dominant": args.dominant,
+            "object_blocks": args.object_blocks, "strict_level": args.strict_level}
     history = Path(args.out) / "history" if args.history else None
     path = run_tracing(rt.model, source, dom, args.out, settings, run_info=info, resume=not args.no_resume,
                        history_dir=history)
@@ -188,6 +216,20 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     path = atomic_write_text(Path(args.out) / "calibration.json", json.dumps(result, indent=2) + "\n")
     print(f"sink dims {list(cal.sinks.dims)}, tau {cal.sinks.tau:.3f} ({args.tau_rule}); "
           f"scaled {cal.tau_scaled:.3f}, gap {cal.tau_gap:.3f}; max possible {cal.max_possible:.1f} -> {path}")
+    return 0
+
+
+def cmd_export_official(args: argparse.Namespace) -> int:
+    from .official import write_jsonl
+    from .records import RecordStore
+    from .tracing import RECORDS_FILE, SUBSETS_WITH_N, to_stage2
+
+    n_div = args.n_div if args.subset in SUBSETS_WITH_N else None
+    records = to_stage2(RecordStore(Path(args.out) / "tracing" / RECORDS_FILE).read(), args.subset, n_div)
+    if not records:
+        raise ValueError(f"{args.out}: no traced sample has the subset {args.subset!r} (N={n_div})")
+    write_jsonl(args.file, records)
+    print(f"{args.file}: {len(records)} stage-2 records ({args.subset}, N={n_div})")
     return 0
 
 
@@ -224,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return demo_mod.run(out=args.out, seed=args.seed) if args.command == "demo" else demo_mod.list_hooks()
     commands = {"dominance": cmd_dominance, "trace": cmd_trace, "report": cmd_report, "calibrate": cmd_calibrate,
-                "official-ie": cmd_official_ie}
+                "official-ie": cmd_official_ie, "export-official": cmd_export_official}
     try:
         return commands[args.command](args)
     except _user_errors() as e:

@@ -27,7 +27,7 @@ RECORDS_FILE = "dominance.jsonl"
 @dataclass(frozen=True)
 class DominanceSettings:
     mode: scoring.ScoreMode = "teacher_forced"
-    max_new_tokens: int = 8  # official mode only
+    max_new_tokens: int = scoring.OFFICIAL_MAX_NEW_TOKENS  # official mode only
     seed: int = 0
 
 

@@ -4,7 +4,8 @@
   merged grid cell (t, y, x) covers pixels [round(y H / h), round((y+1) H / h)) x [round(x W / w), ...) of each
   mask, whatever the mask resolution. A cell holds the object when the fraction of its pixels brighter than
   `pixel_threshold` exceeds `min_fraction` in both frames (official strict level "high": 20 and 0.2; "very_high":
-  40 and 0.4).
+  40 and 0.4). When an odd frame list was padded by repeating its last frame, the last temporal grid has one mask
+  and gets no object tokens, as in the official code.
 - Audio: the 2-second chunks in which the object sounds (e.g. from a sound-event detector); every audio token of
   those chunks. Chunks come from the ModalityMap, so an audio stream that outlasts the video still splits by
   chunk (the official code indexes contiguous audio runs, which merge when no video separates them).
@@ -55,8 +56,9 @@ def load_masks(paths: Sequence[str | Path]) -> list[np.ndarray]:
 
 def _cell_fraction(mask: np.ndarray, y: int, x: int, h: int, w: int, threshold: int) -> float:
     H, W = mask.shape[:2]
-    y0, y1 = round(y * H / h), round((y + 1) * H / h)
-    x0, x1 = round(x * W / w), round((x + 1) * W / w)
+    cell_h, cell_w = H / float(h), W / float(w)  # the official rounding: round(index * cell size)
+    y0, y1 = int(round(y * cell_h)), int(round((y + 1) * cell_h))
+    x0, x1 = int(round(x * cell_w)), int(round((x + 1) * cell_w))
     cell = mask[y0:y1, x0:x1]
     return float((cell > threshold).mean()) if cell.size else 0.0
 
@@ -79,11 +81,14 @@ def video_object_positions(
     grid = modality_map.grid[batch, positions].tolist()
     n_t = max(g[0] for g in grid) + 1
     h, w = max(g[1] for g in grid) + 1, max(g[2] for g in grid) + 1
-    if len(masks) < FRAMES_PER_GRID * n_t:
-        raise ObjectMaskError(f"{len(masks)} masks for {n_t} temporal grids (need {FRAMES_PER_GRID * n_t})")
+    if len(masks) < FRAMES_PER_GRID * n_t - 1:
+        raise ObjectMaskError(f"{len(masks)} masks for {n_t} temporal grids (need {FRAMES_PER_GRID * n_t}, or "
+                              f"{FRAMES_PER_GRID * n_t - 1} when the frame list was padded)")
     out = []
     for pos, (t, y, x) in zip(positions, grid):
         frames = masks[FRAMES_PER_GRID * t: FRAMES_PER_GRID * (t + 1)]
+        if len(frames) < FRAMES_PER_GRID:  # the padded last grid has no mask of its own (as the official code)
+            continue
         if all(_cell_fraction(m, y, x, h, w, threshold) > min_fraction for m in frames):
             out.append(pos)
     return out
@@ -91,10 +96,11 @@ def video_object_positions(
 
 def audio_object_positions(modality_map: ModalityMap, chunks: Sequence[int], batch: int = 0) -> list[int]:
     """Audio token positions of the given 2-second chunks."""
-    n = modality_map.n_chunks(batch)
-    bad = [c for c in chunks if not 0 <= c < n]
+    audio_chunks = set(modality_map.chunk[batch][modality_map.mask(Modality.AUDIO)[batch]].tolist())
+    bad = [c for c in chunks if c not in audio_chunks]
     if bad:
-        raise ObjectMaskError(f"audio chunks {bad} do not exist (the sample has {n} chunks)")
+        raise ObjectMaskError(f"audio chunks {bad} hold no audio tokens (the sample's audio is in chunks "
+                              f"{sorted(audio_chunks)})")
     out: list[int] = []
     for c in sorted(set(chunks)):
         out += modality_map.positions(Modality.AUDIO, batch, chunk=c).tolist()

@@ -33,6 +33,7 @@ SUBSETS: tuple[tuple[str, str, bool], ...] = (
     ("object", "Object", False),
     ("sink", "Sink", True),
     ("random_sink_num", "Random (count-matched)", True),
+    ("random_sink_num_half", "Random (half count)", True),
     ("cross_modal_sink", "Cross-modal sink", True),
     ("uni_modal_sink", "Unimodal sink", True),
 )

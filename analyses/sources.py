@@ -86,24 +86,27 @@ class VGGSoundSource(SampleSource):
         for cond in ("a", "v"):
             corrupt.check_same_layout(inputs["av"], inputs[cond])
         choices = {L: AnswerCandidates.from_tokenizer(self.tokenizer, L) for L in s.choices}
+        meta: dict[str, Any] = {"label_name": s.label_name, "prompt_step": self.prompt_step, "video": video,
+                                "audio": str(s.audio)}
+        found = self._objects(s, inputs["av"], meta)
         return PreparedSample(id=s.sample_id, inputs=inputs, choices=choices, label=s.label,
-                              object_positions=self._objects(s, inputs["av"]),
-                              meta={"label_name": s.label_name, "prompt_step": self.prompt_step})
+                              object_positions=found, meta=meta)
 
-    def _objects(self, s: MCSample, clean: dict[str, Any]) -> dict[str, list[int]] | None:
+    def _objects(self, s: MCSample, clean: dict[str, Any], meta: dict[str, Any]) -> dict[str, list[int]] | None:
+        """Object tokens per modality; a problem with a sample's masks or blocks is noted in `meta` (the sample
+        then has no 'object' subset) instead of stopping the run."""
         if self.model is None:
             return None
         out: dict[str, list[int]] = {}
-        mm = None
-        if s.sample_id in self.object_blocks:
-            mm = self.model.modality_map(clean)
-            out["audio"] = objects.audio_object_positions(mm, self.object_blocks[s.sample_id])
-        if self.use_masks and isinstance(s.video, tuple):
-            paths = [objects.mask_path_for_frame(p) for p in s.video]
-            if all(p.exists() for p in paths):
-                masks = objects.load_masks(paths)
-                if len(masks) % objects.FRAMES_PER_GRID:
-                    masks.append(masks[-1])  # frame lists are padded to an even count by repeating the last
-                mm = mm if mm is not None else self.model.modality_map(clean)
-                out["video"] = objects.video_object_positions(mm, masks, strict_level=self.strict_level)
+        mm = self.model.modality_map(clean)
+        try:
+            if s.sample_id in self.object_blocks:
+                out["audio"] = objects.audio_object_positions(mm, self.object_blocks[s.sample_id])
+            if self.use_masks and isinstance(s.video, tuple):
+                paths = [objects.mask_path_for_frame(p) for p in s.video]
+                if all(p.exists() for p in paths):
+                    masks = objects.load_masks(paths)
+                    out["video"] = objects.video_object_positions(mm, masks, strict_level=self.strict_level)
+        except objects.ObjectMaskError as e:
+            meta["object_error"] = str(e)
         return out or None

@@ -31,7 +31,7 @@ from .records import RecordStore, write_settings
 from .study import BASE_MODALITY, CORRUPTED_CONDITION, PreparedSample, SampleSource
 
 RECORDS_FILE = "tracing.jsonl"
-SUBSETS_WITH_N = ("sink", "random_sink_num", "cross_modal_sink", "uni_modal_sink")
+SUBSETS_WITH_N = ("sink", "random_sink_num", "random_sink_num_half", "cross_modal_sink", "uni_modal_sink")
 
 
 @dataclass(frozen=True)
@@ -43,8 +43,10 @@ class TraceSettings:
     mode: scoring.ScoreMode = "teacher_forced"
     seed: int = 0
     batch_size: int = 8
-    max_new_tokens: int = 8  # official scoring mode only
+    max_new_tokens: int = scoring.OFFICIAL_MAX_NEW_TOKENS  # official scoring mode only
     subsets: tuple[str, ...] = ("all", "object", *SUBSETS_WITH_N)
+    #: skip samples whose audio spans fewer 2-s chunks (the official video-dominant script uses 5); None = keep all
+    min_audio_chunks: int | None = None
 
 
 @dataclass
@@ -103,8 +105,14 @@ def trace_sample(
     clean = model.as_inputs(sample.inputs["av"])
     corrupt = model.as_inputs(sample.inputs[CORRUPTED_CONDITION[dominant]])
     base_positions = clean.modality_map.positions(base).tolist()
-    answers = {"clean": sample.choices[o_clean], "corrupt": sample.choices[o_corrupt]}
-    p_corrupt = scoring.score(model, corrupt, answers, mode=settings.mode, max_new_tokens=settings.max_new_tokens)
+    for name, letter in (("o_clean", o_clean), ("o_corrupt", o_corrupt)):
+        if letter not in sample.choices:
+            raise ValueError(f"sample {sample.id}: {name} {letter!r} is not one of the choices {list(sample.choices)}")
+    letters = dict(sample.choices)  # every letter is scored: the restored run's prediction comes for free
+    runs = {c: scoring.score(model, x, letters, mode=settings.mode, max_new_tokens=settings.max_new_tokens)
+            for c, x in (("clean", clean), ("corrupt", corrupt))}
+    p_clean = {L: float(p[0]) for L, p in runs["clean"].items()}
+    p_corrupt = {L: float(p[0]) for L, p in runs["corrupt"].items()}
 
     needs_sinks = any(s in settings.subsets for s in SUBSETS_WITH_N)
     st = sample_sinks(model, clean, base, settings.n_divs) if needs_sinks else SampleSinks()
@@ -119,23 +127,33 @@ def trace_sample(
                                        rule=settings.split_rule)  # type: ignore[arg-type]
         chosen = {"sink": sorted(sink_set),
                   "random_sink_num": random_subset(base_positions, len(sink_set), settings.seed, sample.id, n),
+                  "random_sink_num_half": random_subset(base_positions, len(sink_set) // 2, settings.seed + 1,
+                                                        sample.id, n),
                   "cross_modal_sink": sorted(cross), "uni_modal_sink": sorted(uni)}
         subsets += [(name, n, chosen[name]) for name in SUBSETS_WITH_N if name in settings.subsets]
 
     union = sorted({p for _, _, s in subsets for p in s})
     layers = list(settings.layers) if settings.layers is not None else None
     acts = patching.capture(model, clean, union, site=settings.site, layers=layers)  # type: ignore[arg-type]
-    restored = patching.patched_probs(model, acts, corrupt, [s for _, _, s in subsets], answers,
+    restored = patching.patched_probs(model, acts, corrupt, [s for _, _, s in subsets], letters,
                                       mode=settings.mode, batch_size=settings.batch_size,
                                       max_new_tokens=settings.max_new_tokens)
     cells = []
     for i, (name, n, positions) in enumerate(subsets):
-        ie = patching.indirect_effect(float(p_corrupt["clean"][0]), float(restored["clean"][i]),
-                                      float(p_corrupt["corrupt"][0]), float(restored["corrupt"][i]))
-        cells.append({"subset": name, "n_div": n, "size": len(positions), "positions": positions, **asdict(ie)})
+        ie = patching.indirect_effect(p_corrupt[o_clean], float(restored[o_clean][i]),
+                                      p_corrupt[o_corrupt], float(restored[o_corrupt][i]))
+        pred = max(letters, key=lambda L: float(restored[L][i]))
+        cells.append({"subset": name, "n_div": n, "size": len(positions), "positions": positions,
+                      "restored_pred": pred, **asdict(ie)})
     return {
         "id": sample.id, "dominant": dominant, "base": base, "o_clean": o_clean, "o_corrupt": o_corrupt,
         "label": sample.label, "n_base": len(base_positions), "seq_len": clean.input_ids.shape[1],
+        "n_layers_patched": len(settings.layers) if settings.layers is not None else model.cfg.n_layers,
+        "p_clean": {"clean": p_clean[o_clean], "corrupt": p_clean[o_corrupt]},
+        "pred_clean": max(p_clean, key=p_clean.get), "pred_corrupt": max(p_corrupt, key=p_corrupt.get),
+        "object_note": sample.meta.get("object_error"),
+        "video": sample.meta.get("video"), "audio_path": sample.meta.get("audio"),
+        "label_name": sample.meta.get("label_name"),
         "cells": cells,
         "sinks": {"per_layer": st.per_layer, "frequency": st.frequency,
                   "global_base": {str(k): v for k, v in st.global_base.items()},
@@ -168,6 +186,10 @@ def run_tracing(
             continue
         dominant = rec["dominant"]
         sample = source.prepare(rec["id"])
+        reason = skip_reason(model, sample, settings)
+        if reason:
+            store.append({"id": sample.id, "dominant": dominant, "skipped": reason})
+            continue
         record, st = trace_sample(model, sample, dominant, rec["pred"]["av"],
                                   rec["pred"][CORRUPTED_CONDITION[dominant]], settings)
         if history_dir is not None and st.history:
@@ -179,13 +201,51 @@ def run_tracing(
     return store.path
 
 
+def to_stage2(records: Sequence[Mapping[str, Any]], subset: str, n_div: int | None) -> list[Any]:
+    """The traced samples' results for one subset as official stage-2 records (METHOD §7.7), so the official
+    tooling (`official.ie_from_records`, causal_effect.py) reads them. ids are the records' order; the
+    `correct_*` probabilities come from this run's clean scoring and `layerlist_len` = layers x |S|."""
+    from .official import Stage2Record
+
+    out = []
+    for rec in traced(records):
+        cell = next((c for c in rec["cells"] if c["subset"] == subset and c["n_div"] == n_div), None)
+        if cell is None:
+            continue
+        out.append(Stage2Record(
+            id=len(out), video=rec.get("video") or rec["id"], audio_path=rec.get("audio_path") or "unknown_audio",
+            label=rec.get("label"), label_name=rec.get("label_name"), correct_pred=rec["o_clean"],
+            corrupt_pred=rec["o_corrupt"], restored_pred=cell["restored_pred"],
+            correct_correct_word_prob=rec["p_clean"]["clean"], correct_corrupt_word_prob=rec["p_clean"]["corrupt"],
+            corrupt_correct_word_prob=cell["p_corrupt_clean"], corrupt_corrupt_word_prob=cell["p_corrupt_corrupt"],
+            restored_correct_word_prob=cell["p_restored_clean"], restored_corrupt_word_prob=cell["p_restored_corrupt"],
+            layerlist_len=rec["n_layers_patched"] * cell["size"],
+        ))
+    return out
+
+
+def skip_reason(model: Any, sample: PreparedSample, settings: TraceSettings) -> str | None:
+    """Why a sample is left out of the study (recorded as such, so a resumed run does not retry it), or None."""
+    if settings.min_audio_chunks is not None:
+        mm = model.modality_map(sample.inputs["av"])
+        chunks = int(mm.chunk[0][mm.mask("audio")[0]].unique().numel())
+        if chunks < settings.min_audio_chunks:
+            return f"audio spans {chunks} chunks < min_audio_chunks {settings.min_audio_chunks}"
+    return None
+
+
+def traced(records: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The records of traced samples (without the skipped ones)."""
+    return [r for r in records if "skipped" not in r]
+
+
 def ie_cells(records: Sequence[Mapping[str, Any]], method: str = "t", seed: int = 0) -> list[Any]:
     """Mean and 95% CI of IE_clean and IE_corrupt per (dominant, subset, N) over the traced samples."""
     from .report import IECell
     from .stats import mean_ci
 
     groups: dict[tuple[str, str, int | None], dict[str, list[float]]] = {}
-    for rec in records:
+    for rec in traced(records):
         for cell in rec["cells"]:
             g = groups.setdefault((rec["dominant"], cell["subset"], cell["n_div"]), {"clean": [], "corrupt": []})
             g["clean"].append(cell["ie_clean"])
@@ -203,12 +263,14 @@ def write_report(out: str | Path, ci_method: str = "t", seed: int = 0) -> dict[s
     from .records import atomic_write_text
 
     folder = Path(out) / "tracing"
-    records = RecordStore(folder / RECORDS_FILE).read()
-    if not records:
+    all_records = RecordStore(folder / RECORDS_FILE).read()
+    records = traced(all_records)
+    if not all_records:
         raise ValueError(f"{folder / RECORDS_FILE}: no tracing records to report")
     settings = json.loads((folder / "settings.json").read_text(encoding="utf-8"))
     cells = ie_cells(records, method=ci_method, seed=seed)
-    header = (f"# Indirect effects ({len(records)} samples; site {settings['site']}, layers "
+    skipped = len(all_records) - len(records)
+    header = (f"# Indirect effects ({len(records)} samples, {skipped} skipped; site {settings['site']}, layers "
               f"{settings['layers'] or 'all'}, scoring {settings['mode']}, split {settings['split_rule']}, "
               f"seed {settings['seed']}; 95% CI, {ci_method})\n\n")
     paths = {

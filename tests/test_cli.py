@@ -100,3 +100,46 @@ def test_bad_inputs_give_one_line_errors(data, tmp_path, capsys):
     assert main(["trace", *_common(root, lst, tmp_path / "y")]) == 2  # no dominance run yet
     assert "hooked-av dominance" in capsys.readouterr().err
     assert main(["official-ie", "--stage2", str(lst)]) == 2
+
+
+def test_export_official_and_step2_lists(data, tmp_path, capsys):
+    from analyses import official, tracing
+
+    root, lst, _ = data
+    assert main(["trace", *_common(root, lst, tmp_path), "--dominance", "list", "--n-divs", "2"]) == 0
+    capsys.readouterr()
+    stage2 = tmp_path / "cross.jsonl"
+    assert main(["export-official", "--out", str(tmp_path), "--subset", "cross_modal_sink", "--n-div", "2",
+                 "--file", str(stage2)]) == 0
+    records = official.read_stage2(stage2)
+    traced = RecordStore(tmp_path / "tracing" / "tracing.jsonl").read()
+    assert len(records) == len(traced) == 2
+    ie_clean, ie_corrupt = official.ie_from_records(records)
+    cells = [c for r in traced for c in r["cells"] if c["subset"] == "cross_modal_sink"]
+    assert ie_clean == pytest.approx(np.mean([c["ie_clean"] for c in cells]), abs=1e-9)
+    assert ie_corrupt == pytest.approx(np.mean([c["ie_corrupt"] for c in cells]), abs=1e-9)
+    assert records[0].layerlist_len == 3 * cells[0]["size"]  # tiny model: 3 layers
+    assert main(["official-ie", "--stage2", str(stage2)]) == 0
+    assert f"IE_clean {ie_clean:.2f}" in capsys.readouterr().out
+
+    # a step-2 list (correct_pred / corrupt_pred) needs --dominant
+    samples = json.loads(lst.read_text())
+    for s in samples:
+        user = s[1]
+        for k in ("av", "a", "v"):
+            user.pop(k)
+        user.update(correct_pred="A", corrupt_pred="B", correct_correct_word_prob=0.5,
+                    correct_corrupt_word_prob=0.1, corrupt_correct_word_prob=0.2, corrupt_corrupt_word_prob=0.3)
+        user["content"][1]["text"] = official_prompt(CHOICES, 2)
+    step2 = root / "step2.json"
+    step2.write_text(json.dumps(samples))
+    common = _common(root, step2, tmp_path / "s2") + ["--data-step", "2", "--dominance", "list", "--n-divs", "2"]
+    assert main(["trace", *common]) == 2 and "--dominant" in capsys.readouterr().err
+    assert main(["trace", *common, "--dominant", "video", "--min-audio-chunks", "3"]) == 0
+    recs = RecordStore(tmp_path / "s2" / "tracing" / "tracing.jsonl").read()
+    assert len(recs) == 3 and all("fewer" in r["skipped"] or "< min_audio_chunks" in r["skipped"] for r in recs)
+    assert main(["trace", *common, "--dominant", "video"]) == 2  # other settings in the same folder: refused
+    assert "settings" in capsys.readouterr().err
+    assert main(["trace", *common, "--dominant", "video", "--no-resume"]) == 0  # start over
+    recs = RecordStore(tmp_path / "s2" / "tracing" / "tracing.jsonl").read()
+    assert [(r["o_clean"], r["o_corrupt"], r["base"]) for r in recs] == [("A", "B", "audio")] * 3

@@ -37,7 +37,7 @@ def test_video_object_cells_follow_the_masks(mm):
 def test_audio_object_tokens_are_the_chunks_audio(mm):
     pos = objects.audio_object_positions(mm, [0, 2])
     assert pos == mm.positions("audio", chunk=0).tolist() + mm.positions("audio", chunk=2).tolist()
-    with pytest.raises(objects.ObjectMaskError, match="do not exist"):
+    with pytest.raises(objects.ObjectMaskError, match="hold no audio tokens"):
         objects.audio_object_positions(mm, [9])
 
 

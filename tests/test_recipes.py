@@ -242,15 +242,23 @@ def test_batched_patching_equals_one_subset_at_a_time(smodel, pair):
 
 
 def test_patching_during_generate_restores_the_prefill_only(smodel, pair):
+    """Restoring the ln1 input of S at every layer during generation equals restoring S's keys and values (the
+    decoding steps are not patched, the restored K/V stay in the cache), and differs from the corrupted run."""
     clean, corrupt = pair
     audio = clean.modality_map.positions("audio").tolist()
-    acts = patching.capture(smodel, clean, audio)
     answers = {"a": scoring.AnswerCandidates("a", (3,))}
-    got = patching.patched_probs(smodel, acts, corrupt, [audio], answers, mode="official", max_new_tokens=4)
-    with patching.restored(smodel, acts, [audio]):
-        gen = smodel.generate(corrupt, max_new_tokens=4)
-    expected = scoring.official_probs(gen.logits, answers, n_steps=gen.n_steps)["a"]
-    torch.testing.assert_close(got["a"], expected)
+    runs = {}
+    for site in ("before_attn", "kv"):
+        acts = patching.capture(smodel, clean, audio, site=site)
+        with patching.restored(smodel, acts, [audio]):
+            runs[site] = smodel.generate(corrupt, max_new_tokens=4)
+        got = patching.patched_probs(smodel, acts, corrupt, [audio], answers, mode="official", max_new_tokens=4)
+        expected = scoring.official_probs(runs[site].logits, answers, n_steps=runs[site].n_steps)["a"]
+        torch.testing.assert_close(got["a"], expected)
+    torch.testing.assert_close(runs["before_attn"].logits, runs["kv"].logits, rtol=1e-4, atol=1e-5)
+    plain = smodel.generate(corrupt, max_new_tokens=4)
+    assert all(not torch.allclose(runs["kv"].logits[s], plain.logits[s], atol=1e-4) for s in range(4))
+    acts = patching.capture(smodel, clean, audio)
     with pytest.raises(ValueError, match="not captured"):
         patching.restore_hooks(acts, [[0]])
     with pytest.raises(ValueError, match="unknown patching site"):
@@ -301,3 +309,50 @@ def test_repeat_and_decode_equal_a_batched_forward(smodel, av):
     inputs = smodel.prepare_inputs(**av)
     logits = smodel.decode(inputs.repeat(3), smodel.embed_inputs(inputs).expand(3, -1, -1))
     torch.testing.assert_close(logits, smodel(inputs).expand(3, -1, -1), rtol=1e-5, atol=1e-5)
+
+
+def test_global_sinks_ignore_padding(smodel):
+    a, b = build_inputs("audio", seed=1), build_inputs("av", seed=2)
+    batch = collate([a, b], padding_side="left")
+    pad = batch["input_ids"].shape[1] - a["input_ids"].shape[1]
+    mm = smodel.modality_map(**batch)
+    values = sinks.sink_values(smodel, batch)
+    single = sinks.sink_values(smodel, a)
+    torch.testing.assert_close(values[:, 0, pad:], single[:, 0], rtol=1e-4, atol=1e-4)
+    g = sinks.global_sinks(sinks.layer_sinks(values[:, 0], 1.5), mm, batch=0, k_divide=2)
+    g1 = sinks.global_sinks(sinks.layer_sinks(single[:, 0], 1.5), smodel.modality_map(**a), k_divide=2)
+    assert g.k == g1.k and all(p >= pad for p in g.positions)
+    assert [p - pad for p in g.audio] == g1.audio
+
+
+def test_amplification_never_touches_masked_scores_in_bf16(av):
+    from model_zoo.tiny import tiny_hf_thinker
+
+    # a model of its own: casting shares no storage with the session's reference model
+    model = HookedAVModel.from_hf_model(tiny_hf_thinker(seed=0)).to(torch.bfloat16)
+    mm = model.modality_map(**av)
+    name = hook_names.attn_scores(1)
+    everything = list(range(mm.seq_len))
+    _, base = model.run_with_cache(**av, names_filter=name)
+    with amplify.amplified_attention(model, everything, alpha=0.2, layers=[1], query_start=0):
+        logits, amp = model.run_with_cache(**av, names_filter=name)
+    a, b = base[name][0].float(), amp[name][0].float()
+    masked = a <= torch.finfo(torch.bfloat16).min / 2
+    assert masked.any() and torch.isfinite(logits).all()
+    assert torch.equal(b[masked], a[masked])
+    torch.testing.assert_close(b[~masked], (a + 0.2 * a.abs())[~masked], rtol=1e-2, atol=1e-2)
+    keys = torch.tensor(everything[:5])  # a 1-D tensor of keys works too
+    with amplify.amplified_attention(model, keys, mm, layers=[1]):
+        model(**av)
+
+
+def test_modality_attention_batch_padding_and_layer_subset(smodel):
+    a, b = build_inputs("av", seed=4), build_inputs("video", seed=5)
+    batch = collate([b, a], padding_side="left")
+    pad = batch["input_ids"].shape[1] - a["input_ids"].shape[1]
+    mm = smodel.modality_map(**a)
+    positions = mm.positions("video")[::5].tolist() + mm.positions("audio")[::6].tolist()
+    single = roles.modality_attention(smodel, a, positions)
+    batched = roles.modality_attention(smodel, batch, [p + pad for p in positions], batch=1, layers=[2, 1])
+    torch.testing.assert_close(batched.v_score, single.v_score[[2, 1]], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(batched.a_score, single.a_score[[2, 1]], rtol=1e-4, atol=1e-6)

@@ -122,16 +122,16 @@ def test_ie_table_markdown_rows():
     assert "| Sink | 3 | – | – | – | – | – | – |" in lines
     assert "| Cross-modal sink | 4 | – | – | – | 1.00 | 0.50 | 1 |" in lines  # n = 1: no interval
     rows = [line for line in lines if line.startswith("| ") and not line.startswith("| Tokens")]
-    assert len(rows) == 2 + 4 * 3  # all, object, then 4 subsets x N in {2, 3, 4}
+    assert len(rows) == 2 + 5 * 3  # all, object, then 5 subsets x N in {2, 3, 4}
     assert [r.split(" | ")[0] for r in rows[2:5]] == ["| Sink"] * 3
-    labels = ["| Random (count-matched)", "| Cross-modal sink", "| Unimodal sink"]
+    labels = ["| Random (count-matched)", "| Random (half count)", "| Cross-modal sink", "| Unimodal sink"]
     assert [r.split(" | ")[0] for r in rows[5::3]] == labels
     assert lines[-1].startswith("IE in percentage points") and "95% t" in lines[-1]
 
 
 def test_ie_table_extra_rows_and_errors():
-    extra = IECell("random_sink_num_half", 2, "audio", ci(1.0, 0.5), ci(2.0, 0.5))
-    row = "| random_sink_num_half | 2 | 1.00 ± 0.50 | 2.00 ± 0.50 | 20 | – | – | – |"
+    extra = IECell("kv_first_chunk", 2, "audio", ci(1.0, 0.5), ci(2.0, 0.5))
+    row = "| kv_first_chunk | 2 | 1.00 ± 0.50 | 2.00 ± 0.50 | 20 | – | – | – |"
     assert row in ie_table_markdown([extra])
     with pytest.raises(ValueError, match="two IE cells for Sink \\(N=2\\), audio-dominant"):
         ie_table_markdown(CELLS + [CELLS[0]])

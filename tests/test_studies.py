@@ -54,7 +54,8 @@ def test_dominance_records_and_resume(smodel, source, tmp_path):
     recs = RecordStore(path).read()
     assert [r["id"] for r in recs] == source.ids()
     sample = source.prepare("clip1")
-    logits = smodel(**sample.inputs["v"])
+    with torch.no_grad():
+        logits = smodel(**sample.inputs["v"])
     p = torch.softmax(logits[0, -1], -1)
     expected = {L: float(p[list(c.ids)].max()) for L, c in sample.choices.items()}
     assert recs[0]["probs"]["v"] == pytest.approx(expected, rel=1e-5)
@@ -137,3 +138,27 @@ def test_tracing_report_writes_tables_and_plots(smodel, source, tmp_path):
     assert "| Cross-modal sink | 3 |" in table and "seed 0" in table
     for key in ("ie_bars", "sinks_per_layer", "sink_frequency", "mds"):
         assert paths[key].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_video_dominant_trace_uses_black_frames_and_ascending_split(smodel, source):
+    from hooked_av.recipes import roles, sinks
+
+    sample = source.prepare("clip2")
+    rec, st = tracing.trace_sample(smodel, sample, "video", "A", "B", tracing.TraceSettings(n_divs=(2,)))
+    assert rec["base"] == "audio"
+    clean = smodel.prepare_inputs(**sample.inputs["av"])
+    mm = clean.modality_map
+    phi = sinks.sink_values(smodel, clean)[:, 0]
+    g = sinks.global_sinks(sinks.layer_sinks(phi, smodel.cfg.sinks.tau), mm, k_divide=2)
+    r = roles.modality_attention(smodel, clean, g.audio)
+    uni, cross = roles.split_sinks(g.audio, r.mean_mds, "video")  # ascending for video-dominant
+    cells = {(c["subset"], c["n_div"]): c for c in rec["cells"]}
+    assert cells["sink", 2]["positions"] == sorted(g.audio)
+    assert cells["cross_modal_sink", 2]["positions"] == sorted(cross)
+    assert cells["uni_modal_sink", 2]["positions"] == sorted(uni)
+    mean = dict(zip(r.positions, r.mean_mds.tolist()))
+    if uni and cross:
+        assert max(mean[p] for p in uni) <= min(mean[p] for p in cross)
+    # the corrupted run is the black-frames one: P_corrupt equals scoring sample.inputs["a"] directly
+    p = scoring.score(smodel, sample.inputs["a"], {"B": sample.choices["B"]})["B"]
+    assert cells["all", None]["p_corrupt_corrupt"] == pytest.approx(float(p[0]), rel=1e-5)

@@ -79,6 +79,8 @@ def amplified_attention(
     bad = [layer for layer in layers if not 0 <= layer < model.cfg.n_layers]
     if bad:
         raise ValueError(f"layers {bad} are outside the model's {model.cfg.n_layers} layers")
+    if isinstance(keys, Tensor):
+        keys = keys.tolist()  # 1-D: one set for every row; 2-D: one set per row
     nested = len(keys) > 0 and isinstance(keys[0], (list, tuple, Tensor))
     if query_start is None:
         if modality_map is None:

@@ -104,7 +104,8 @@ def global_sinks(
     T is the sample's number of valid tokens unless `seq_len` is given. Only tokens that are sinks in at least
     one layer are ever chosen, so K may not be reached.
     """
-    ranked = rank_by_frequency(is_sink)
+    valid = modality_map.modality[batch].to(is_sink.device) != int(Modality.PAD)
+    ranked = rank_by_frequency(is_sink & valid[None])  # a padding query sees only itself: never a sink
     k = None
     if min_layers is not None:
         ranked = [(p, f) for p, f in ranked if f >= min_layers]
