@@ -26,7 +26,7 @@ from .components import AttentionMask, KVCache, RMSNorm, RotaryEmbedding, Transf
 from .config import AVModelConfig, SinkConstants
 from .inputs import ModalityMap
 
-ReturnType = Literal["logits", "loss", "none"]
+ReturnType = Literal["logits", "last_logits", "loss", "none"]
 
 
 @dataclass
@@ -173,8 +173,10 @@ class HookedAVModel(HookedRootModule):
     def forward(self, *args: Any, return_type: ReturnType = "logits", **kwargs: Any) -> Tensor | None:
         """Run the model on the processor's outputs (`model(**processor(...))`), an AVInputs or a dict of them.
 
-        Returns logits [batch, pos, vocab] (`return_type="logits"`), the mean next-token loss over valid
-        positions ("loss"), or None ("none": stops after the final norm, e.g. for caching).
+        Returns logits [batch, pos, vocab] (`return_type="logits"`), the logits of each row's last valid
+        position [batch, vocab] ("last_logits": the next-token distribution, without unembedding every
+        position), the mean next-token loss over valid positions ("loss"), or None ("none": stops after the final
+        norm, e.g. for caching).
         """
         inputs = self._as_inputs(args, kwargs)
         embeds = self.embed_inputs(inputs)
@@ -208,6 +210,9 @@ class HookedAVModel(HookedRootModule):
         resid = self.ln_final(resid)
         if return_type == "none":
             return None
+        if return_type == "last_logits":  # only each row's last valid position: no [pos, vocab] unembedding
+            last = (torch.arange(resid.shape[1], device=resid.device) * inputs.attention_mask.bool()).amax(1)
+            return self.unembed(resid[torch.arange(resid.shape[0], device=resid.device), last])
         logits = self.unembed(resid)
         if return_type == "logits":
             return logits
@@ -215,7 +220,7 @@ class HookedAVModel(HookedRootModule):
             valid = inputs.attention_mask[:, 1:].bool()
             lp = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), inputs.input_ids[:, 1:], reduction="none")
             return lp[valid].mean()
-        raise ValueError(f"return_type must be 'logits', 'loss' or 'none', got {return_type!r}")
+        raise ValueError(f"return_type must be 'logits', 'last_logits', 'loss' or 'none', got {return_type!r}")
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()

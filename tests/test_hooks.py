@@ -193,3 +193,14 @@ def test_model_pickles(model):
     buf.seek(0)
     copy = torch.load(buf, weights_only=False)
     torch.testing.assert_close(copy(**inputs), model(**inputs), rtol=0, atol=0)
+
+
+def test_last_logits_equal_the_last_valid_row_of_logits(model):
+    from model_zoo.tiny import collate
+
+    batch = collate([build_inputs("audio", seed=1), build_inputs("av", seed=2)], padding_side="right")
+    logits = model(**batch)
+    last = batch["attention_mask"].sum(1) - 1
+    torch.testing.assert_close(model(**batch, return_type="last_logits"), logits[torch.arange(2), last])
+    with pytest.raises(ValueError, match="last_logits"):
+        model(**batch, return_type="probs")

@@ -27,7 +27,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .. import hook_names
-from .scoring import AnswerCandidates, ScoreMode, official_probs, teacher_forced_probs
+from .scoring import AnswerCandidates, ScoreMode, candidate_prob, official_probs
 
 #: site -> hook sites inside `blocks.{l}`
 SITES: dict[str, tuple[str, ...]] = {
@@ -149,9 +149,9 @@ def patched_probs(
                 chunk = subsets[start:start + batch_size]
                 rep = av.repeat(len(chunk))
                 with restored(model, clean, chunk):
-                    logits = model.decode(rep, embeds.expand(len(chunk), -1, -1))
-                for name, p in teacher_forced_probs(logits, rep.attention_mask, answers).items():
-                    out[name].append(p.cpu())
+                    final = model.decode(rep, embeds.expand(len(chunk), -1, -1), return_type="last_logits")
+                for name, c in answers.items():
+                    out[name].append(candidate_prob(final, c).cpu())
         elif mode == "official":
             for subset in tqdm(subsets, desc="patching", disable=not progress, leave=False):
                 with restored(model, clean, [subset]):

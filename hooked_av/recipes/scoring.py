@@ -112,8 +112,8 @@ def score(
     av = inputs if isinstance(inputs, AVInputs) else model.prepare_inputs(**inputs)
     if mode == "teacher_forced":
         with torch.no_grad():
-            logits = model(av)
-        return teacher_forced_probs(logits, av.attention_mask, answers)
+            final = model(av, return_type="last_logits")
+        return {name: candidate_prob(final, c) for name, c in answers.items()}
     if mode == "official":
         gen = model.generate(av, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id)
         return official_probs(gen.logits, answers, n_steps=gen.n_steps)
