@@ -81,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--layers", type=_ints, default=None, help="layers to patch, e.g. 0-27 (default: all)")
     tr.add_argument("--n-divs", type=_ints, default=(2, 3, 4), help="N of K = int(T/N), e.g. 2,3,4")
     tr.add_argument("--split-rule", default="official", choices=("official", "threshold"))
-    tr.add_argument("--batch-size", type=int, default=8, help="patched copies per decoder pass")
+    tr.add_argument("--batch-size", type=int, default=None,
+                    help="patched copies per decoder pass (default: 1 on CPU, 8 on GPU)")
     tr.add_argument("--object-blocks", default=None, help="official important_seconds JSON (audio object tokens)")
     tr.add_argument("--strict-level", default="high", choices=("high", "very_high"))
     tr.add_argument("--history", action="store_true", help="also write official history JSON files")

@@ -42,7 +42,7 @@ class TraceSettings:
     split_rule: str = "official"
     mode: scoring.ScoreMode = "teacher_forced"
     seed: int = 0
-    batch_size: int = 8
+    batch_size: int | None = None  # patched copies per decoder pass (None: 1 on CPU, 8 on GPU)
     max_new_tokens: int = scoring.OFFICIAL_MAX_NEW_TOKENS  # official scoring mode only
     subsets: tuple[str, ...] = ("all", "object", *SUBSETS_WITH_N)
     #: skip samples whose audio spans fewer 2-s chunks (the official video-dominant script uses 5); None = keep all

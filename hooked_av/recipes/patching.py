@@ -38,6 +38,8 @@ SITES: dict[str, tuple[str, ...]] = {
     "mlp_out": ("hook_mlp_out",),
 }
 Site = Literal["before_attn", "kv", "resid_pre", "attn_out", "mlp_out"]
+#: patched copies per decoder pass on an accelerator
+GPU_BATCH = 8
 #: percentage points per unit of probability
 PP = 100.0
 
@@ -128,15 +130,18 @@ def patched_probs(
     subsets: Sequence[Sequence[int]],
     answers: Mapping[str, AnswerCandidates],
     mode: ScoreMode = "teacher_forced",
-    batch_size: int = 8,
+    batch_size: int | None = None,
     max_new_tokens: int = 32,
     progress: bool = False,
 ) -> dict[str, Float[Tensor, " subset"]]:
     """P(answer) in the corrupted run with each subset restored, for every named answer.
 
     Teacher-forced: the towers run once on the corrupted inputs; the decoder runs on `batch_size` patched
-    copies at a time. Official: one greedy generation per subset.
+    copies at a time (default: 1 on CPU, where batching gains nothing, `GPU_BATCH` on an accelerator).
+    Official: one greedy generation per subset.
     """
+    if batch_size is None:
+        batch_size = 1 if model.device.type == "cpu" else GPU_BATCH
     av = _as_inputs(model, corrupt_inputs)
     if av.input_ids.shape[1] != clean.seq_len:
         raise ValueError(f"corrupted inputs have {av.input_ids.shape[1]} positions, clean {clean.seq_len}")
