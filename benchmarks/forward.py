@@ -11,23 +11,12 @@ Prints times, peak RSS growth is not measured here (see benchmarks/tracing.py wh
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
 from hooked_av import HookedAVModel
-from model_zoo.tiny import build_inputs, tiny_hf_thinker
-
-
-def timed(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+from common import random_thinker, timed
+from model_zoo.tiny import build_inputs
 
 
 def main() -> None:
@@ -38,10 +27,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     d = args.d_model
-    hf = tiny_hf_thinker(seed=args.seed, attn="sdpa", hidden_size=d, intermediate_size=4 * d,
-                         num_hidden_layers=args.layers, num_attention_heads=8, num_key_value_heads=2,
-                         rope_parameters=dict(rope_type="default", rope_theta=1e6,
-                                              mrope_section=[d // 64, 3 * d // 128, 3 * d // 128]))
+    hf = random_thinker(args.layers, d, args.seed)
     model = HookedAVModel.from_hf_model(hf)
     # 10 s clip at 2 fps: 10 temporal grids of 12 x 16 patches (48 merged tokens each) + 250 audio tokens
     inputs = build_inputs(kind="av", grid=(10, 24, 32), frames=1000, seed=args.seed)

@@ -16,24 +16,13 @@ attention maps occupy in each (computed from the shapes: the streamed path holds
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
 from hooked_av import HookedAVModel, SinkConstants
 from hooked_av.recipes import patching, roles, scoring
-from model_zoo.tiny import build_inputs, tiny_hf_thinker
-
-
-def timed(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+from common import random_thinker, timed
+from model_zoo.tiny import build_inputs
 
 
 def main() -> None:
@@ -46,10 +35,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     d = args.d_model
-    hf = tiny_hf_thinker(seed=args.seed, attn="sdpa", hidden_size=d, intermediate_size=4 * d,
-                         num_hidden_layers=args.layers, num_attention_heads=8, num_key_value_heads=2,
-                         rope_parameters=dict(rope_type="default", rope_theta=1e6,
-                                              mrope_section=[d // 64, 3 * d // 128, 3 * d // 128]))
+    hf = random_thinker(args.layers, d, args.seed)
     model = HookedAVModel.from_hf_model(hf, sinks=SinkConstants(dims=(1, 2), tau=2.0))
     raw = build_inputs(kind="av", grid=(10, 24, 32), frames=1000, seed=args.seed)
     silent = dict(raw, input_features=torch.zeros_like(raw["input_features"]))
