@@ -6,7 +6,10 @@ STAMP  := $(VENV)/.installed
 # torch is named in the same pip command as transformer-lens and nnsight, or pip would pick a multi-GB CUDA build.
 TORCH  ?= torch==2.13.0
 DEPS   := "$(TORCH)" "transformers>=5.9,<6" "transformer-lens>=4.3,<5" "nnsight>=0.8" accelerate safetensors \
-          einops jaxtyping tqdm pytest matplotlib pillow "decord==0.6.0" av soundfile
+          einops jaxtyping tqdm pytest matplotlib pillow "decord==0.6.0" av soundfile "gguf==0.19.0" \
+          nbformat nbclient ipykernel
+# tinysoundfont's only dependency (pyaudio) does not build without portaudio and is not needed to render audio
+NODEPS := "tinysoundfont==0.3.7"
 
 .PHONY: demo test install clean
 
@@ -15,7 +18,9 @@ install: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install $(DEPS)
+	$(BIN)/pip install --no-deps $(NODEPS)
 	$(BIN)/pip install --no-deps --no-build-isolation -e .
+	$(BIN)/python scripts/fetch_assets.py
 	touch $(STAMP)
 
 demo: $(STAMP)
