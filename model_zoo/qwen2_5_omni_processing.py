@@ -398,3 +398,37 @@ class ChatProcessor:
     def __call__(self, raw: RawAV, prompt: str) -> dict[str, Any]:
         return self.media(raw, QWEN_CHAT_BEFORE.format(system=self.system), QWEN_CHAT_AFTER.format(prompt=prompt),
                           use_audio_in_video=self.use_audio_in_video)
+
+
+def collate(samples: Sequence[Mapping[str, Any]], pad_id: int, padding_side: str = "left") -> dict[str, Any]:
+    """Batch single-sample processor outputs the way the processor batches: ids padded with `pad_id` (left by
+    default, as for generation), audio features padded to the longest, vision patches concatenated."""
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    n = max(s["input_ids"].shape[1] for s in samples)
+    ids, mask = [], []
+    for s in samples:
+        k = n - s["input_ids"].shape[1]
+        pad_ids = torch.full((1, k), pad_id, dtype=torch.long)
+        pad_mask = torch.zeros((1, k), dtype=s["attention_mask"].dtype)
+        pair = ((pad_ids, s["input_ids"]), (pad_mask, s["attention_mask"]))
+        if padding_side == "right":
+            pair = tuple((b, a) for a, b in pair)
+        ids.append(torch.cat(pair[0], 1))
+        mask.append(torch.cat(pair[1], 1))
+    out: dict[str, Any] = {"input_ids": torch.cat(ids), "attention_mask": torch.cat(mask)}
+    feats = [s for s in samples if s.get("input_features") is not None]
+    if feats:
+        frames = max(s["input_features"].shape[-1] for s in feats)
+        out["input_features"] = torch.cat([torch.nn.functional.pad(s["input_features"],
+                                                                   (0, frames - s["input_features"].shape[-1]))
+                                           for s in feats])
+        out["feature_attention_mask"] = torch.cat([torch.nn.functional.pad(
+            s["feature_attention_mask"], (0, frames - s["feature_attention_mask"].shape[-1])) for s in feats])
+    for key in ("pixel_values", "pixel_values_videos", "image_grid_thw", "video_grid_thw", "video_second_per_grid"):
+        parts = [s[key] for s in samples if s.get(key) is not None]
+        if parts:
+            out[key] = torch.cat(parts)
+    if any(bool(s.get("use_audio_in_video")) for s in samples):
+        out["use_audio_in_video"] = True
+    return out

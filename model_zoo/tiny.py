@@ -130,34 +130,9 @@ def av_interleave(grid, spg, n_audio, per_second=25, chunk_seconds=2):
 
 def collate(samples: list[dict], padding_side: str = "left") -> dict:
     """Batch single-sample inputs the way the processor does: pad ids with the pad token, stack media."""
-    n = max(s["input_ids"].shape[1] for s in samples)
-    ids, mask = [], []
-    for s in samples:
-        k = n - s["input_ids"].shape[1]
-        pad_ids = torch.full((1, k), TOK["pad"], dtype=torch.long)
-        pad_mask = torch.zeros((1, k), dtype=torch.long)
-        if padding_side == "left":
-            ids.append(torch.cat([pad_ids, s["input_ids"]], 1))
-            mask.append(torch.cat([pad_mask, s["attention_mask"]], 1))
-        else:
-            ids.append(torch.cat([s["input_ids"], pad_ids], 1))
-            mask.append(torch.cat([s["attention_mask"], pad_mask], 1))
-    out = {"input_ids": torch.cat(ids), "attention_mask": torch.cat(mask)}
-    feats = [s for s in samples if "input_features" in s]
-    if feats:
-        frames = max(s["input_features"].shape[-1] for s in feats)
-        out["input_features"] = torch.cat(
-            [torch.nn.functional.pad(s["input_features"], (0, frames - s["input_features"].shape[-1])) for s in feats])
-        out["feature_attention_mask"] = torch.cat(
-            [torch.nn.functional.pad(s["feature_attention_mask"], (0, frames - s["feature_attention_mask"].shape[-1]))
-             for s in feats])
-    for key in ("pixel_values", "pixel_values_videos", "image_grid_thw", "video_grid_thw", "video_second_per_grid"):
-        parts = [s[key] for s in samples if key in s]
-        if parts:
-            out[key] = torch.cat(parts)
-    if any(s.get("use_audio_in_video") for s in samples):
-        out["use_audio_in_video"] = True
-    return out
+    from model_zoo.qwen2_5_omni_processing import collate as omni_collate
+
+    return omni_collate(samples, TOK["pad"], padding_side)
 
 
 class TinyTokenizer:
