@@ -1,0 +1,67 @@
+"""A few-step training smoke test of the organism trainer, on the tiny random thinker."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hooked_av import HookedAVModel
+from model_zoo import lora
+from model_zoo.organism_train import Example, TrainConfig, train
+from model_zoo.tiny import TinyTokenizer, build_inputs, tiny_hf_thinker
+
+
+def examples():
+    out = []
+    for seed in range(4):
+        clean = build_inputs("av", seed=seed)
+        black = dict(clean, pixel_values_videos=torch.zeros_like(clean["pixel_values_videos"]))
+        out.append(Example(inputs=clean, answer_id=65 + seed, kind="mc", class_name="dog barking",
+                           audio_present=[True, False, True, True], video_present=[True] * 4,
+                           variants={"a": black}))
+    return out
+
+
+def test_training_runs_resumes_and_writes_deltas(tmp_path):
+    model = HookedAVModel.from_hf_model(tiny_hf_thinker(seed=0))
+    frozen = model.blocks[1].mlp.up_proj.weight.clone()
+    tower_before = next(model.audio_encoder.parameters()).clone()
+    cfg = TrainConfig(out=str(tmp_path), align_steps=6, steps=6, batch_size=2, lora_rank=2, save_every=4,
+                      log_every=1, warmup=2)
+    deltas = train(model, TinyTokenizer(), examples(), cfg)
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 13))
+    align = [r["loss"] for r in log if r["stage"] == "align"]
+    assert align[-1] < align[0]  # the towers move toward the target embeddings
+    assert torch.equal(model.blocks[1].mlp.up_proj.weight, frozen)  # the decoder stays frozen
+    assert not torch.equal(next(model.audio_encoder.parameters()), tower_before)
+    state = load_file(str(deltas))
+    assert any(k.startswith("audio_encoder.") for k in state) and any(k.endswith(".lora_a") for k in state)
+    assert not any(k.startswith("blocks.") and not ".lora_" in k and not k.endswith(".scale") for k in state)
+    # a rerun with the same configuration resumes at the end: no new steps
+    model2 = HookedAVModel.from_hf_model(tiny_hf_thinker(seed=0))
+    train(model2, TinyTokenizer(), examples(), cfg)
+    assert len((tmp_path / "log.jsonl").read_text().splitlines()) == 12
+    with pytest.raises(ValueError, match="another configuration"):
+        train(HookedAVModel.from_hf_model(tiny_hf_thinker(seed=0)), TinyTokenizer(), examples(),
+              TrainConfig(out=str(tmp_path), align_steps=7, steps=6, batch_size=2, lora_rank=2))
+
+
+def test_lora_merge_equals_the_adapted_forward():
+    model = HookedAVModel.from_hf_model(tiny_hf_thinker(seed=1))
+    params = lora.add_lora(model, rank=2, seed=3)
+    with torch.no_grad():
+        for p in params:
+            p.normal_(0, 0.1)
+    inputs = build_inputs("av", seed=0)
+    with torch.no_grad():
+        adapted = model(**inputs)
+        state = lora.lora_state(model)
+        lora.merge_lora(model)
+        merged = model(**inputs)
+    torch.testing.assert_close(merged, adapted, rtol=1e-4, atol=1e-4)
+    base = HookedAVModel.from_hf_model(tiny_hf_thinker(seed=1))
+    weights = {k: v.clone() for k, v in base.state_dict().items()}
+    lora.apply_lora_state(state, weights)
+    torch.testing.assert_close(weights["blocks.0.attn.q_proj.weight"], model.blocks[0].attn.q_proj.weight)
