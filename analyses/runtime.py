@@ -43,10 +43,11 @@ def load_runtime(model: str, checkpoint: str | None = None, dtype: str | None = 
                                        tau=tau if tau is not None else s.tau, eps=s.eps,
                                        provenance="given on the command line", calibrated=True))
     hooked.eval()
-    process = ChatProcessor(Qwen25OmniMediaProcessor.from_model(hooked, tokenizer))
+    overrides = processor_overrides(Path(checkpoint or model)) if model != TINY else {}
+    process = ChatProcessor(Qwen25OmniMediaProcessor.from_model(hooked, tokenizer, **overrides))
     info = {"model": model, "checkpoint": checkpoint, "dtype": str(hooked.dtype), "device": str(hooked.device),
             "model_seed": seed if model == TINY else None, "sinks": hooked.cfg.sinks.to_dict(),
-            "n_layers": hooked.cfg.n_layers, "torch": torch.__version__}
+            "n_layers": hooked.cfg.n_layers, "torch": torch.__version__, "processor": overrides}
     return Runtime(hooked, tokenizer, process, info)
 
 
@@ -59,3 +60,14 @@ def _local_tokenizer(path: Path) -> Any:
         return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError) as e:
         raise FileNotFoundError(f"{path}: no tokenizer files there ({e})") from None
+
+
+def processor_overrides(path: Path) -> dict[str, Any]:
+    """Processor settings stored with a checkpoint (`config.json` -> `hooked_av.processor`), e.g. the organism's
+    small frame size; {} for checkpoints that use the released processor's defaults."""
+    import json
+
+    config = path / "config.json"
+    if not config.is_file():
+        return {}
+    return dict(json.loads(config.read_text(encoding="utf-8")).get("hooked_av", {}).get("processor", {}))
