@@ -28,9 +28,8 @@ def _sample(sid, av, a, v):
     ]
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("vggsound")
+def make_dataset(root):
+    """Three synthetic clips in the official VGGSound layout, their MC list and object blocks."""
     (root / "vggsound_with_mask" / "video").mkdir(parents=True)
     (root / "vggsound_with_mask" / "audio").mkdir(parents=True)
     for sid in STORED:
@@ -42,6 +41,11 @@ def data(tmp_path_factory):
     blocks.write_text(json.dumps([{"audio": f"vggsound_with_mask/audio/{sid}.wav", "important_blocks": [1]}
                                   for sid in STORED]))
     return root, lst, blocks
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("vggsound"))
 
 
 def _common(root, lst, out):
