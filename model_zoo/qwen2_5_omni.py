@@ -41,6 +41,12 @@ SINKS_3B = SinkConstants(
     "on real weights (community values for Qwen2.5-VL-3B, [318, 1874, 1819] or [1874, 1819], are unverified)",
 )
 
+SINKS_ORGANISM = SinkConstants(
+    dims=(), tau=None, calibrated=False,
+    provenance="calibrate with hooked_av.recipes.sinks.calibrate_sinks (SmolLM2-135M backbone: massive activations "
+    "reported in residual dim 507, DATA.md; not calibrated on the organism)",
+)
+
 #: Decoder presets: shapes of the released checkpoints (config.json of Qwen/Qwen2.5-Omni-{7B,3B}).
 PRESETS: dict[str, dict[str, Any]] = {
     "qwen2.5-omni-7b": dict(
@@ -50,6 +56,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     "qwen2.5-omni-3b": dict(
         n_layers=36, d_model=2048, n_heads=16, n_key_value_heads=2, d_head=128, d_mlp=11008, d_vocab=151936,
         n_ctx=32768, rope_theta=1_000_000.0, mrope_section=(16, 24, 24), tie_word_embeddings=False, sinks=SINKS_3B,
+    ),
+    # the offline organism (model_zoo.organism.assemble): SmolLM2-135M-Instruct in the Qwen2.5-Omni thinker layout;
+    # no n_layers here, so checkpoints of truncated backbones (the first n <= 30 layers) match the preset too
+    "organism": dict(
+        d_model=576, n_heads=9, n_key_value_heads=3, d_head=64, d_mlp=1536, d_vocab=49159,
+        n_ctx=8192, rope_theta=100_000.0, mrope_section=(8, 12, 12), tie_word_embeddings=True, sinks=SINKS_ORGANISM,
     ),
 }
 
