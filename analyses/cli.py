@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     cal = sub.add_parser("calibrate", help="find sink dims and tau for a model without known constants")
     _model_args(cal), _data_args(cal)
     cal.add_argument("--n-dims", type=int, default=2)
-    cal.add_argument("--tau-rule", default="scaled", choices=("scaled", "gap"))
+    cal.add_argument("--tau-rule", default="midpoint", choices=("midpoint", "scaled", "gap"))
 
     exp = sub.add_parser("export-official", help="a trace run's subset as official stage-2 JSONL")
     exp.add_argument("--out", required=True, help="the run folder (holding tracing/)")
@@ -216,7 +216,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     result = {**cal.to_dict(), "run": _run_info(args, rt)}
     path = atomic_write_text(Path(args.out) / "calibration.json", json.dumps(result, indent=2) + "\n")
     print(f"sink dims {list(cal.sinks.dims)}, tau {cal.sinks.tau:.3f} ({args.tau_rule}); "
-          f"scaled {cal.tau_scaled:.3f}, gap {cal.tau_gap:.3f}; max possible {cal.max_possible:.1f} -> {path}")
+          f"midpoint {cal.tau_midpoint:.3f}, scaled {cal.tau_scaled:.3f}, gap {cal.tau_gap:.3f}; max possible {cal.max_possible:.1f} -> {path}")
     return 0
 
 

@@ -96,10 +96,11 @@ def load_pretrained(
     hf_config = _hf_thinker_config(config, checkpoint)
     torch_dtype = _resolve_dtype(dtype, config)
     stored = config.get("hooked_av", {}).get("sinks")
-    if sinks is None and preset is not None:
-        sinks = preset["sinks"]
-    if sinks is None and stored:
-        sinks = SinkConstants(**{**stored, "dims": tuple(stored.get("dims", ()))})
+    stored = SinkConstants(**{**stored, "dims": tuple(stored.get("dims", ()))}) if stored else None
+    if sinks is None:
+        # calibrated constants win: a checkpoint's own calibration over an uncalibrated preset placeholder
+        candidates = [c for c in (preset["sinks"] if preset is not None else None, stored) if c is not None]
+        sinks = next((c for c in candidates if c.calibrated), candidates[0] if candidates else None)
     model_name = name_or_path if preset is not None else config.get("hooked_av", {}).get("model_name", "custom")
     if preset is not None:
         shape = qwen2_5_omni.config_from_hf(hf_config)

@@ -110,7 +110,7 @@ def test_calibration_finds_planted_massive_dims(hf_thinker):
         model.embed.weight = torch.nn.Parameter(emb)
         model.embed.weight[TOK["bos"], list(planted)] = torch.tensor([60.0, -45.0])
     samples = [build_inputs(k, seed=s) for k, s in (("av", 1), ("audio", 2), ("video", 3))]
-    cal = sinks.calibrate_sinks(model, samples, n_dims=2)
+    cal = sinks.calibrate_sinks(model, samples, n_dims=2, tau_rule="scaled")
     assert cal.sinks.dims == planted
     d = model.cfg.d_model
     assert cal.tau_scaled == pytest.approx(25 * np.sqrt(d / 3584))
@@ -121,6 +121,8 @@ def test_calibration_finds_planted_massive_dims(hf_thinker):
     values = sinks.sink_values(model, samples[0])
     flagged = sinks.layer_sinks(values, cal.tau_gap)[:, 0]
     assert flagged[:, 0].all() and flagged[:, 1:].float().mean() < 0.05
+    mid = sinks.layer_sinks(values, cal.tau_midpoint)[:, 0]
+    assert mid[:, 0].all() and mid[:, 1:].float().mean() < 0.05 and cal.sink_fraction["midpoint"] < 0.05
     with pytest.raises(ValueError, match="outside the residual stream"):
         model.set_sinks(SinkConstants(dims=(d,), tau=1.0))
 

@@ -137,6 +137,9 @@ class SinkCalibration:
         coordinate is at most sqrt(d_model), so a fixed tau cannot carry over between widths).
     tau_gap: the threshold at the widest gap of log(phi) among the tokens (a data-driven cut between sinks
         and the rest).
+    tau_midpoint: halfway between the `ordinary_quantile` of phi over all (layer, token) entries and the
+        largest phi (the sink tokens' level): a cut that works when the sink dims are large for every token
+        but largest on the sinks (SmolLM2's dim 507).
     sink_fraction: fraction of (layer, token) entries above each candidate tau.
     """
 
@@ -144,6 +147,7 @@ class SinkCalibration:
     dim_scores: dict[int, float]
     tau_scaled: float
     tau_gap: float
+    tau_midpoint: float
     tau_rule: str
     sink_fraction: dict[str, float]
     max_possible: float
@@ -182,8 +186,9 @@ def calibrate_sinks(
     model: Any,
     samples: Iterable[Any],
     n_dims: int = 2,
-    tau_rule: Literal["scaled", "gap"] = "scaled",
+    tau_rule: Literal["midpoint", "scaled", "gap"] = "midpoint",
     skip_layers: int = 1,
+    ordinary_quantile: float = 0.99,
     reference_tau: float = REFERENCE_TAU,
     reference_d_model: int = REFERENCE_D_MODEL,
 ) -> SinkCalibration:
@@ -191,8 +196,10 @@ def calibrate_sinks(
 
     Dims: rank each residual dimension by the median over layers (skipping the first `skip_layers`, where the
     embedding has no massive activations yet) of its largest |RMS-normalised| value; keep the top `n_dims`.
-    Tau: `tau_rule="scaled"` (default) scales the reference tau by sqrt(d_model / d_ref); `"gap"` cuts at the
-    widest gap in log(phi). Both values and the fraction of entries each flags are returned as evidence.
+    Tau: `tau_rule="midpoint"` (default) halfway between the `ordinary_quantile` of phi and its maximum;
+    `"scaled"` scales the reference tau by sqrt(d_model / d_ref) (right only if the model's activations scale
+    like Qwen2.5-7B's); `"gap"` cuts at the widest gap in log(phi). All three values and the fraction of entries
+    each flags are returned as evidence; check that the chosen one flags a small fraction.
     """
     d_model, n_layers = model.cfg.d_model, model.cfg.n_layers
     layers = list(range(min(skip_layers, n_layers - 1), n_layers))
@@ -211,17 +218,19 @@ def calibrate_sinks(
     gaps = log_phi[1:] - log_phi[:-1]
     i = int(gaps.argmax())
     tau_gap = float(torch.exp((log_phi[i] + log_phi[i + 1]) / 2))
-    tau = {"scaled": tau_scaled, "gap": tau_gap}.get(tau_rule)
+    tau_midpoint = float((torch.quantile(phi, ordinary_quantile) + phi.max()) / 2)
+    tau = {"midpoint": tau_midpoint, "scaled": tau_scaled, "gap": tau_gap}.get(tau_rule)
     if tau is None:
-        raise ValueError(f"tau_rule must be 'scaled' or 'gap', got {tau_rule!r}")
+        raise ValueError(f"tau_rule must be 'midpoint', 'scaled' or 'gap', got {tau_rule!r}")
     qs = {"q50": 0.5, "q90": 0.9, "q99": 0.99, "q999": 0.999, "max": 1.0}
     return SinkCalibration(
         sinks=SinkConstants(dims=dims, tau=float(tau), eps=model.cfg.sinks.eps, calibrated=True,
                             provenance=f"calibrate_sinks(tau_rule={tau_rule!r}, n_samples={len(per_sample)}, "
                                        f"n_dims={n_dims}, skip_layers={skip_layers})"),
         dim_scores={int(i): float(v) for i, v in zip(top.indices, top.values)},
-        tau_scaled=tau_scaled, tau_gap=tau_gap, tau_rule=tau_rule,
-        sink_fraction={"scaled": float((phi > tau_scaled).float().mean()),
+        tau_scaled=tau_scaled, tau_gap=tau_gap, tau_midpoint=tau_midpoint, tau_rule=tau_rule,
+        sink_fraction={"midpoint": float((phi > tau_midpoint).float().mean()),
+                       "scaled": float((phi > tau_scaled).float().mean()),
                        "gap": float((phi > tau_gap).float().mean())},
         max_possible=max_possible, n_tokens=int(phi.numel() // len(layers)), skip_layers=skip_layers,
         phi_quantiles={k: float(torch.quantile(phi, q)) for k, q in qs.items()},
