@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from hooked_av.config import TokenIds
+from hooked_av.config import SinkConstants, TokenIds
 
 from .qwen2_5_omni import SINKS_ORGANISM
 
@@ -88,6 +88,9 @@ VISION_DEFAULTS = dict(depth=2, hidden_size=128, intermediate_size=256, num_head
                        temporal_patch_size=2, spatial_merge_size=2, window_size=56, fullatt_block_indexes=[1])
 #: mrope_section for head_dim 64: Qwen's (16, 24, 24) for head_dim 128, halved (sum = head_dim / 2)
 MROPE_SECTION = (8, 12, 12)
+#: processor settings of the organism's clips (small frames: 112 x 112 -> 4 x 4 merged tokens per temporal grid)
+FRAME_PIXELS = 112 * 112
+PROCESSOR = {"video_min_pixels": FRAME_PIXELS, "video_max_pixels": FRAME_PIXELS}
 
 
 class OrganismAssetError(FileNotFoundError):
@@ -380,7 +383,17 @@ def apply_deltas(state: dict[str, Tensor], deltas: str | os.PathLike | dict[str,
         if not path.is_file():
             raise FileNotFoundError(f"deltas file {path} not found")
         deltas = load_file(str(path))
+    deltas = dict(deltas)
     done = []
+    for key in sorted(k for k in deltas if k.endswith(".lora_a")):  # low-rank factors: W += scale * B A
+        prefix = key[: -len(".lora_a")]
+        a, b = deltas.pop(key), deltas.pop(f"{prefix}.lora_b")
+        scale = float(deltas.pop(f"{prefix}.scale"))
+        name = _normalise_key(f"{prefix}.weight")
+        if name not in state or state[name].shape != (b.shape[0], a.shape[1]):
+            raise ValueError(f"LoRA factors {prefix!r} do not fit a weight of the organism ({name})")
+        state[name] = (state[name].float() + scale * (b.float() @ a.float())).to(state[name].dtype)
+        done.append(name)
     for key, tensor in deltas.items():
         name = _normalise_key(key)
         if name not in state:
@@ -442,6 +455,8 @@ def assemble(
     vision: dict[str, Any] | None = None,
     overwrite: bool = False,
     backbone: tuple[dict[str, Tensor], Any] | None = None,
+    sinks: SinkConstants | None = None,
+    processor: dict[str, Any] | None = None,
 ) -> Path:
     """Write the organism as an HF Qwen2.5-Omni thinker checkpoint directory; returns its path.
 
@@ -475,7 +490,8 @@ def assemble(
     }
     cfg_dict = config.to_dict()
     cfg_dict["architectures"] = ["Qwen2_5OmniThinkerForConditionalGeneration"]
-    cfg_dict["hooked_av"] = {"model_name": MODEL_NAME, "sinks": SINKS.to_dict(), "organism": record}
+    cfg_dict["hooked_av"] = {"model_name": MODEL_NAME, "sinks": (sinks or SINKS).to_dict(), "organism": record,
+                             "processor": dict(processor or PROCESSOR)}
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:
         save_file({k: v.contiguous() for k, v in sorted(state.items())}, str(tmp / "model.safetensors"),

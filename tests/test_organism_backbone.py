@@ -312,3 +312,26 @@ def test_deltas_override_towers_and_new_rows(backbone, tmp_path):
         organism.apply_deltas(state, {"audio_tower.proj.weight": torch.zeros(2)})
     with pytest.raises(KeyError):
         organism.apply_deltas(state, {"visual.merger.mlp.0.weight": torch.zeros(1)})
+
+
+def test_lora_deltas_sinks_and_processor_are_stored(tmp_path):
+    """LoRA factors in the deltas fold into the weights; calibrated sinks and processor settings are stored and
+    win over the preset's placeholder on loading."""
+    pytest.importorskip("gguf")
+    from hooked_av import HookedAVModel, SinkConstants
+    from model_zoo import organism
+
+    if not organism.DEFAULT_GGUF.is_file():
+        pytest.skip(f"{organism.DEFAULT_GGUF} missing: {organism.FETCH_HINT}")
+    backbone = organism.load_smollm2()
+    a, b = torch.randn(4, 576) * 0.1, torch.randn(576, 4) * 0.1
+    deltas = {"blocks.1.attn.q_proj.lora_a": a, "blocks.1.attn.q_proj.lora_b": b,
+              "blocks.1.attn.q_proj.scale": torch.tensor(2.0)}
+    sinks = SinkConstants(dims=(507,), tau=21.0, provenance="test", calibrated=True)
+    out = organism.assemble(tmp_path / "org", n_layers=2, deltas=deltas, backbone=backbone, sinks=sinks)
+    model = HookedAVModel.from_pretrained("organism", checkpoint=str(out))
+    base = backbone[0]["model.layers.1.self_attn.q_proj.weight"]
+    torch.testing.assert_close(model.blocks[1].attn.q_proj.weight, base + 2.0 * b @ a, rtol=1e-5, atol=1e-5)
+    assert model.cfg.sinks == sinks
+    config = json.loads((out / "config.json").read_text())
+    assert config["hooked_av"]["processor"] == organism.PROCESSOR
