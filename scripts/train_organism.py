@@ -1,0 +1,148 @@
+"""Train the organism (committed, seeded, resumable): `make organism` runs it, in the background if you like.
+
+1. generate the avsynth train / val splits (offline media from .assets),
+2. assemble the base organism (SmolLM2-135M-Instruct backbone + seeded random towers),
+3. run every training clip through the Qwen2.5-Omni processor path once (cached in the run folder),
+4. train: tower alignment, then task tuning with LoRA (model_zoo.organism_train),
+5. evaluate on val (AV / audio-only / video-only accuracy), calibrate the sink constants on val clips,
+6. write the deltas and constants to model_zoo/organism_deltas/ (the few MB that are committed).
+
+    .venv/bin/python scripts/train_organism.py [--out runs/organism_train] [--n-train 1200] [--steps 400]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+DELTAS_DIR = ROOT / "model_zoo" / "organism_deltas"
+#: training / demo clip length: 3 chunks of 2 s (150 audio + 48 video tokens) keeps CPU passes short
+CLIP_SECONDS = 6
+YES_NO_SHARE = 0.25  # fraction of training items that are yes/no probes
+
+
+def build_examples(root: Path, split: str, process, tokenizer, model, cache: Path, yes_no: bool):
+    from analyses.datasets import load_vggsound_mc, official_prompt
+    from hooked_av import corrupt, media
+    from model_zoo.organism_train import Example
+
+    if cache.exists():
+        return torch.load(cache, weights_only=False)
+    truth = {t["id"]: t for t in json.loads((root / "avsynth" / f"{split}_truth.json").read_text())}
+    samples = load_vggsound_mc(root / "avsynth" / f"{split}_mc.json", media_root=root)
+    examples = []
+    from tqdm.auto import tqdm
+
+    for s in tqdm(samples, desc=f"processing {split}"):
+        t = truth[s.sample_id]
+        raw = media.load_av(str(s.video), audio=str(s.audio))
+        inputs = process(raw, official_prompt(s.choices, 1))
+        n_chunks = CLIP_SECONDS // 2
+        variants = {}
+        if t["video_condition"] == "clear":
+            variants["v"] = process(corrupt.corrupt(raw, "zero_audio"), official_prompt(s.choices, 1))
+        if t["audio_condition"] == "clean":
+            variants["a"] = process(corrupt.corrupt(raw, "black_frames"), official_prompt(s.choices, 1))
+        examples.append(Example(
+            inputs=inputs, answer_id=tokenizer.encode(s.label, add_special_tokens=False)[0], kind="mc",
+            class_name=s.label_name,
+            audio_present=[c in t["sounding_chunks"] for c in range(n_chunks)],
+            video_present=[c in t["onscreen_chunks"] for c in range(n_chunks)], variants=variants))
+    if yes_no:
+        probes = json.loads((root / "avsynth" / f"{split}_yesno.json").read_text())
+        rng = random.Random(0)
+        rng.shuffle(probes)
+        for p in probes[: int(len(examples) * YES_NO_SHARE / (1 - YES_NO_SHARE))]:
+            t = truth[p["video_id"]]
+            raw = media.load_av(str(root / p["video"]), audio=str(root / p["audio"]))
+            examples.append(Example(
+                inputs=process(raw, p["text"]), answer_id=tokenizer.encode(p["label"], add_special_tokens=False)[0],
+                kind="yesno", class_name=t["label"],
+                audio_present=[c in t["sounding_chunks"] for c in range(CLIP_SECONDS // 2)],
+                video_present=[c in t["onscreen_chunks"] for c in range(CLIP_SECONDS // 2)]))
+    torch.save(examples, cache)
+    return examples
+
+
+def evaluate(model, examples) -> dict[str, float]:
+    """Accuracy of the answer token on MC items: AV, and each unimodal variant where it exists."""
+    from model_zoo.qwen2_5_omni_processing import collate
+
+    pad = model.cfg.token_ids.pad or 0
+    out = {}
+    with torch.no_grad():
+        for name in ("av", "a", "v"):
+            items = [(e.inputs if name == "av" else e.variants.get(name), e.answer_id) for e in examples
+                     if e.kind == "mc" and (name == "av" or name in e.variants)]
+            hits = 0
+            for i in range(0, len(items), 8):
+                chunk = items[i:i + 8]
+                logits = model(model.as_inputs(collate([x for x, _ in chunk], pad)), return_type="last_logits")
+                hits += int((logits.argmax(-1) == torch.tensor([y for _, y in chunk])).sum())
+            out[f"acc_{name}"] = hits / len(items) if items else float("nan")
+            out[f"n_{name}"] = len(items)
+    return out
+
+
+def main() -> None:
+    from analyses import avsynth
+    from analyses.runtime import load_runtime
+    from hooked_av.recipes.sinks import calibrate_sinks
+    from model_zoo import organism
+    from model_zoo.organism_train import TrainConfig, train
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=str(ROOT / "runs" / "organism_train"))
+    ap.add_argument("--n-train", type=int, default=1200)
+    ap.add_argument("--n-val", type=int, default=100)
+    ap.add_argument("--align-steps", type=int, default=300)
+    ap.add_argument("--steps", type=int, default=400)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--lora-rank", type=int, default=8)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-install", action="store_true", help="do not copy the result to model_zoo/organism_deltas")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    data = out / "data"
+    if not (data / "avsynth" / "val_truth.json").exists():
+        avsynth.generate(data, n_train=args.n_train, n_val=args.n_val, n_test=0, seed=args.seed,
+                         duration=CLIP_SECONDS)
+    base = out / "base"
+    if not (base / "config.json").exists():
+        organism.assemble(base, seed=args.seed)
+    rt = load_runtime(str(base), seed=args.seed)
+    train_ex = build_examples(data, "train", rt.process, rt.tokenizer, rt.model, out / "train_examples.pt", True)
+    val_ex = build_examples(data, "val", rt.process, rt.tokenizer, rt.model, out / "val_examples.pt", False)
+    cfg = TrainConfig(out=str(out / "train"), seed=args.seed, align_steps=args.align_steps, steps=args.steps,
+                      batch_size=args.batch_size, lr=args.lr, lora_rank=args.lora_rank)
+    deltas = train(rt.model, rt.tokenizer, train_ex, cfg, evaluate=lambda m: evaluate(m, val_ex))
+    result = {"val": evaluate(rt.model, val_ex), "config": vars(args)}
+    # sink constants from the trained model on val clips
+    trained = out / "trained"
+    organism.assemble(trained, seed=args.seed, deltas=deltas, overwrite=True)
+    rt2 = load_runtime(str(trained), seed=args.seed)
+    cal = calibrate_sinks(rt2.model, [e.inputs for e in val_ex[:16]], n_dims=1, tau_rule="midpoint")
+    result["calibration"] = cal.to_dict()
+    (out / "result.json").write_text(json.dumps(result, indent=2, default=str))
+    print(json.dumps(result["val"], indent=2))
+    if not args.no_install:
+        DELTAS_DIR.mkdir(exist_ok=True)
+        shutil.copy(deltas, DELTAS_DIR / "deltas.safetensors")
+        (DELTAS_DIR / "sinks.json").write_text(json.dumps({**cal.to_dict(), "val": result["val"]}, indent=2,
+                                                           default=str))
+        print(f"installed {DELTAS_DIR}")
+
+
+if __name__ == "__main__":
+    main()
