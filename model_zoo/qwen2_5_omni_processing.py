@@ -432,3 +432,15 @@ def collate(samples: Sequence[Mapping[str, Any]], pad_id: int, padding_side: str
     if any(bool(s.get("use_audio_in_video")) for s in samples):
         out["use_audio_in_video"] = True
     return out
+
+
+def trim_audio_padding(inputs: dict[str, Any]) -> dict[str, Any]:
+    """The same inputs with the audio features cut to the valid frames (the processor pads them to
+    `chunk_length` seconds; the encoder reads only the valid ones, so the model's outputs do not change).
+    Saves memory when many samples are kept."""
+    mask = inputs.get("feature_attention_mask")
+    if mask is None:
+        return inputs
+    n = int(mask.sum(-1).max())
+    return {**inputs, "input_features": inputs["input_features"][..., :n].contiguous(),
+            "feature_attention_mask": mask[..., :n].contiguous()}

@@ -34,6 +34,10 @@ def build_examples(root: Path, split: str, process, tokenizer, model, cache: Pat
     from analyses.datasets import load_vggsound_mc, official_prompt
     from hooked_av import corrupt, media
     from model_zoo.organism_train import Example
+    from model_zoo.qwen2_5_omni_processing import trim_audio_padding
+
+    process_full = process
+    process = lambda raw, text: trim_audio_padding(process_full(raw, text))  # noqa: E731
 
     if cache.exists():
         return torch.load(cache, weights_only=False)

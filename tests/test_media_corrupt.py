@@ -467,3 +467,12 @@ def test_image_input(model, processor):
     grid = out["image_grid_thw"][0].tolist()
     assert model.modality_map(**out).counts()["image"] == grid[0] * grid[1] * grid[2] // 4
     assert torch.isfinite(model(**out)).all()
+
+
+def test_trimmed_audio_padding_gives_the_same_logits(model, clean_inputs):
+    from model_zoo.qwen2_5_omni_processing import trim_audio_padding
+
+    trimmed = trim_audio_padding(clean_inputs)
+    assert trimmed["input_features"].shape[-1] < clean_inputs["input_features"].shape[-1]
+    with torch.no_grad():
+        torch.testing.assert_close(model(**trimmed), model(**clean_inputs), rtol=1e-5, atol=1e-5)
