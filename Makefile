@@ -11,7 +11,7 @@ DEPS   := "$(TORCH)" "transformers>=5.9,<6" "transformer-lens>=4.3,<5" "nnsight>
 # tinysoundfont's only dependency (pyaudio) does not build without portaudio and is not needed to render audio
 NODEPS := "tinysoundfont==0.3.7"
 
-.PHONY: demo test install clean
+.PHONY: demo test install clean organism
 
 install: $(STAMP)
 
@@ -23,10 +23,18 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python scripts/fetch_assets.py
 	touch $(STAMP)
 
+# the organism checkpoint is (re)assembled when the committed deltas changed (seconds; a no-op otherwise)
 demo: $(STAMP)
+	$(BIN)/python scripts/build_organism.py
 	$(BIN)/hooked-av demo --out runs/demo
 
+# train the organism's towers and adapters (about an hour on 2 cores; resumable); commit model_zoo/organism_deltas
+organism: $(STAMP)
+	$(BIN)/python scripts/train_organism.py
+	$(BIN)/python scripts/build_organism.py
+
 test: $(STAMP)
+	$(BIN)/python scripts/build_organism.py
 	$(BIN)/python -m pytest -q
 
 clean:
