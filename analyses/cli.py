@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run the demo on the embedded default model")
     demo.add_argument("--out", default="runs/demo")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--clips", type=int, default=None, help="held-out clips to generate (default 150)")
+    demo.add_argument("--max-traced", type=int, default=None, help="dominant samples traced per group (default 15)")
+    demo.add_argument("--max-probes", type=int, default=None, help="yes/no probes (default 60)")
     sub.add_parser("hooks", help="list the uniform hook names of the tiny demo model")
 
     dom = sub.add_parser("dominance", help="unimodal-dominance filtering (a / v / av runs)")
@@ -265,7 +268,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("demo", "hooks"):
         from analyses import demo as demo_mod
 
-        return demo_mod.run(out=args.out, seed=args.seed) if args.command == "demo" else demo_mod.list_hooks()
+        if args.command == "hooks":
+            return demo_mod.list_hooks()
+        knobs = {k: v for k, v in (("n_clips", args.clips), ("max_traced", args.max_traced),
+                                   ("max_probes", args.max_probes)) if v is not None}
+        return demo_mod.run(out=args.out, seed=args.seed, **knobs)
     commands = {"dominance": cmd_dominance, "trace": cmd_trace, "report": cmd_report, "calibrate": cmd_calibrate,
                 "official-ie": cmd_official_ie, "export-official": cmd_export_official}
     try:
