@@ -284,13 +284,19 @@ def _read_soundfile(p: Path, sample_rate: int) -> Float32[np.ndarray, " samples"
     return resample(_to_mono(data), int(rate), sample_rate)
 
 
+def _open_container(p: Path) -> Any:
+    """A PyAV container of `p`, or a MediaError naming the file (never FFmpeg's traceback)."""
+    av = _import("av")
+    try:
+        return av.open(str(p))
+    except Exception as err:
+        raise _unreadable(p, err) from None
+
+
 def _decode_audio_pyav(p: Path, sample_rate: int) -> Float32[np.ndarray, " samples"]:
     """First audio stream of any container FFmpeg reads, resampled per channel, then channels averaged."""
     av = _import("av")
-    try:
-        container = av.open(str(p))
-    except Exception as err:
-        raise _unreadable(p, err) from None
+    container = _open_container(p)
     with container:
         if not container.streams.audio:
             raise MediaError(f"{p}: no audio stream")
@@ -338,12 +344,7 @@ def load_audio(path: str | os.PathLike[str], sample_rate: int = DEFAULT_SAMPLE_R
 # ---------------------------------------------------------------------------------------------------- video
 def _probe_video_stream(p: Path) -> None:
     """Fail early, with the path, when FFmpeg cannot open the file or it has no video stream."""
-    av = _import("av")
-    try:
-        container = av.open(str(p))
-    except Exception as err:
-        raise _unreadable(p, err) from None
-    with container:
+    with _open_container(p) as container:
         if not container.streams.video:
             raise MediaError(f"{p}: no video stream")
 
