@@ -213,8 +213,13 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from .records import atomic_write_text
 
     rt = _runtime(args)
-    source, _ = _source(args, rt)
-    samples = (source.prepare(i).inputs["av"] for i in source.ids())
+    from hooked_av import media
+
+    from .datasets import official_prompt
+
+    _, listed = _source(args, rt)
+    samples = (rt.process(media.load_av(str(s.video), audio=str(s.audio)), official_prompt(s.choices, args.prompt_step))
+               for s in listed)  # the clean clips only: calibration needs no corrupted conditions
     cal = calibrate_sinks(rt.model, samples, n_dims=args.n_dims, tau_rule=args.tau_rule)
     result = {**cal.to_dict(), "run": _run_info(args, rt)}
     path = atomic_write_text(Path(args.out) / "calibration.json", json.dumps(result, indent=2) + "\n")

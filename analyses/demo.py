@@ -61,12 +61,13 @@ def run_organism(out: str, seed: int, n_clips: int, max_traced: int, max_probes:
                          probes=str(files / "test_yesno.json"), object_blocks=str(files / "test_important_seconds.json"))
     calibration = None
     if not rt.model.cfg.sinks.calibrated:
-        from analyses.datasets import load_vggsound_mc
-        from analyses.sources import VGGSoundSource
+        from analyses.datasets import load_vggsound_mc, official_prompt
+        from hooked_av import media
 
         samples = load_vggsound_mc(inputs.mc_list, media_root=data)[:CALIBRATION_CLIPS]
-        src = VGGSoundSource(samples, rt.process, rt.tokenizer)
-        cal = calibrate_sinks(rt.model, [src.prepare(s.sample_id).inputs["av"] for s in samples], n_dims=1)
+        clean = [rt.process(media.load_av(str(s.video), audio=str(s.audio)), official_prompt(s.choices, 1))
+                 for s in samples]  # the clean clips only: calibration needs no corrupted conditions
+        cal = calibrate_sinks(rt.model, clean, n_dims=1)
         rt.model.set_sinks(cal.sinks)
         rt.info["sinks"] = cal.sinks.to_dict()
         calibration = cal.to_dict()

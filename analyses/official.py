@@ -34,7 +34,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -42,6 +41,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .records import atomic_write_text
 
 __all__ = [
     "OfficialFormatError", "TruncatedLineWarning", "Stage1Record", "Stage2Record", "SinkHistory", "IEResult",
@@ -271,26 +272,11 @@ def _json_line(record: _Record, where: str) -> str:
         raise OfficialFormatError(f"{where}: cannot be written as JSON ({e})") from None
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write to a temp file in the same folder, fsync, then ``os.replace``: readers see the old or the new file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_jsonl(path: str | os.PathLike[str], records: Iterable[_Record]) -> None:
     """Replace ``path`` atomically with one official-format line per record (dataclass records or plain dicts)."""
     path = Path(path)
     text = "".join(_json_line(r, f"{path.name} record {i}") for i, r in enumerate(records))
-    _atomic_write_text(path, text)
+    atomic_write_text(path, text)
 
 
 def append_jsonl(path: str | os.PathLike[str], record: _Record) -> None:
@@ -398,7 +384,7 @@ def write_history(path: str | os.PathLike[str], history: Mapping[int, SinkHistor
         if not _is_int(pos):
             raise TypeError(f"history keys must be int token positions, got {pos!r}")
         payload[str(pos)] = {name: list(getattr(entry, name)) for name in HISTORY_FIELDS}
-    _atomic_write_text(Path(path), json.dumps(payload, indent=HISTORY_INDENT))
+    atomic_write_text(Path(path), json.dumps(payload, indent=HISTORY_INDENT))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -421,12 +407,11 @@ def split_sinks(history: Mapping[int, SinkHistory], base_positions: Iterable[int
     (descending if ``dominant == "audio"``, ascending if ``"video"``), and split at ``n // 2``: the first half is
     unimodal, the second (one longer when n is odd) cross-modal. A relative median split, not a sign rule.
     """
-    descending = _check_dominant(dominant) == "audio"
+    from hooked_av.recipes.roles import split_sinks as split_ranked
+
     base = {int(p) for p in base_positions}
     scored = [(int(pos), entry.mean_mds()) for pos, entry in history.items() if int(pos) in base]
-    keys = [pos for pos, _ in sorted(scored, key=lambda x: x[1], reverse=descending)]
-    mid = len(keys) // 2
-    return keys[:mid], keys[mid:]
+    return split_ranked([p for p, _ in scored], [m for _, m in scored], _check_dominant(dominant), rule="official")
 
 
 @dataclass(frozen=True)

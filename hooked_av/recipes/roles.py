@@ -121,9 +121,9 @@ def split_sinks(
     if len(m) != len(positions):
         raise ValueError(f"{len(positions)} positions but {len(m)} MDS values")
     if rule == "official":
-        keyed = m if dominant == "video" else -m  # ascending for video-dominant, descending for audio-dominant
-        order = np.argsort(keyed, kind="stable")
-        ranked = [int(positions[i]) for i in order]
+        # Python's stable sort, as build_layerlist: ascending for video-dominant, descending for audio-dominant
+        ranked = [int(p) for p, _ in sorted(zip(positions, m.tolist()), key=lambda pm: pm[1],
+                                             reverse=dominant == "audio")]
         mid = len(ranked) // 2
         return ranked[:mid], ranked[mid:]
     if rule == "threshold":
