@@ -9,6 +9,7 @@ store as deltas.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor, nn
@@ -34,10 +35,13 @@ class LoRALinear(nn.Module):
 
 
 def add_lora(model: nn.Module, targets: tuple[str, ...] = ("q_proj", "v_proj"), rank: int = 8,
-             alpha: float = 16.0, seed: int = 0) -> list[nn.Parameter]:
-    """Wrap the target linears of every decoder block; returns the new trainable parameters."""
+             alpha: float = 16.0, seed: int = 0, layers: Iterable[int] | None = None) -> list[nn.Parameter]:
+    """Wrap the target linears of the decoder blocks in `layers` (default: every block); returns the new
+    trainable parameters."""
     params = []
-    for i, block in enumerate(model.blocks):
+    chosen = range(len(model.blocks)) if layers is None else sorted(set(layers))
+    for i in chosen:
+        block = model.blocks[i]
         for j, name in enumerate(targets):
             base = getattr(block.attn, name)
             if isinstance(base, LoRALinear):

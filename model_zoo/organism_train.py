@@ -3,13 +3,17 @@
 Two stages, both seeded and resumable (state every `save_every` steps in `<out>/state.pt`, a JSON line per
 logged step in `<out>/log.jsonl`):
 
-1. Alignment (towers only, no decoder pass; seconds per step): each audio / video token is pulled toward the
-   decoder's input embedding of the words of what it shows or sounds (the class name where the object is
-   present in that token's 2-s chunk, `ABSENT_TEXT` elsewhere), by cosine and by RMS. The frozen LM then reads
-   the clip as if its content were written there.
-2. Task tuning (towers + LoRA on q/v): cross-entropy of the answer's first token at the answer position for
-   the 20-way multiple-choice prompt and the yes/no probes, with modality dropout (black frames / zeroed
-   audio, only where the remaining modality shows the labelled class) so that unimodal runs stay informed.
+1. Alignment (towers only, no decoder pass; a fraction of a second per step): each audio / video token is
+   classified against the decoder's input embeddings of the 20 class names plus `ABSENT_TEXT` (cosine logits at
+   `temperature`, cross-entropy), its target being what that token's 2-s chunk actually sounds or shows
+   (`audio_classes` / `video_classes`), and its RMS is pulled to the target embedding's. The towers become
+   classifiers whose outputs live where the LM reads words.
+2. Task tuning (LoRA on the attention projections of blocks `lora_from` and up; towers and lower blocks frozen):
+   cross-entropy of the answer's first token at the answer position for the 20-way multiple-choice prompt and
+   the yes/no probes, with modality dropout (a unimodal variant, only where the remaining modality shows the
+   labelled class) so that unimodal runs stay informed. The frozen part of the network is a fixed function of
+   each item, so its output (the residual stream entering block `lora_from`) is computed once per item and
+   variant and kept in memory: a step runs only the upper blocks, forward and backward.
 
 Only the trained deltas (towers, LoRA factors) are written: `<out>/deltas.safetensors`.
 """
@@ -29,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-#: text whose embedding stands for "nothing of the object here" in the alignment stage
+#: text whose embedding stands for "nothing of a class here" in the alignment stage
 ABSENT_TEXT = " background noise"
 
 
@@ -44,6 +48,17 @@ class Example:
     audio_present: list[bool] = field(default_factory=list)  # per 2-s chunk: the labelled class sounds
     video_present: list[bool] = field(default_factory=list)  # per 2-s chunk: the labelled class is on screen
     variants: dict[str, dict[str, Any]] = field(default_factory=dict)  # "a" / "v": unimodal inputs, if usable
+    #: per 2-s chunk, the class that chunk actually sounds / shows ("" for none); default: `class_name` where
+    #: the *_present flag is set
+    audio_classes: list[str] = field(default_factory=list)
+    video_classes: list[str] = field(default_factory=list)
+
+    def chunk_classes(self, modality: str) -> list[str]:
+        given = self.audio_classes if modality == "audio" else self.video_classes
+        if given:
+            return given
+        present = self.audio_present if modality == "audio" else self.video_present
+        return [self.class_name if p else "" for p in present]
 
 
 @dataclass
@@ -52,16 +67,23 @@ class TrainConfig:
     seed: int = 0
     align_steps: int = 300
     align_lr: float = 3e-3
+    align_batch_size: int = 16
+    temperature: float = 0.07
     steps: int = 600
     lr: float = 1e-3
     batch_size: int = 8
     weight_decay: float = 0.0
     warmup: int = 30
     lora_rank: int = 8
+    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    lora_from: int = 0  # first decoder block with adapters; the blocks below are frozen and run once per item
     p_unimodal: float = 0.3  # probability of training on a unimodal variant when one is usable
     save_every: int = 25
     log_every: int = 5
     threads: int = 2
+
+    def __post_init__(self) -> None:
+        self.lora_targets = tuple(self.lora_targets)
 
 
 def _cosine_lr(step: int, total: int, base: float, warmup: int) -> float:
@@ -76,47 +98,96 @@ def _text_embedding(model: Any, tokenizer: Any, text: str) -> Tensor:
         return model.embed.weight[ids].mean(0)
 
 
-def _alignment_loss(model: Any, tokenizer: Any, batch: Sequence[Example], cache: dict[str, Tensor]) -> Tensor:
-    """Cosine + log-RMS distance between each AV token's tower output and its target embedding."""
+def class_table(model: Any, tokenizer: Any, examples: Sequence[Example]) -> tuple[list[str], Tensor]:
+    """The alignment's classes (ABSENT first, then every class named by the examples, sorted) and their
+    target embeddings [n_classes, d_model]."""
+    names = sorted({c for ex in examples for m in ("audio", "video") for c in ex.chunk_classes(m) if c}
+                   | {ex.class_name for ex in examples})
+    texts = [ABSENT_TEXT] + [" " + n for n in names]
+    return [""] + names, torch.stack([_text_embedding(model, tokenizer, t) for t in texts])
+
+
+def _alignment_loss(model: Any, batch: Sequence[Example], classes: list[str], table: Tensor,
+                    temperature: float) -> tuple[Tensor, float]:
+    """Cosine-logit cross-entropy of every AV token against the class table, plus a log-RMS match."""
     from model_zoo.qwen2_5_omni_processing import collate
 
-    def target(text: str) -> Tensor:
-        if text not in cache:
-            cache[text] = _text_embedding(model, tokenizer, text)
-        return cache[text]
-
+    index = {c: i for i, c in enumerate(classes)}
     inputs = model.as_inputs(collate([e.inputs for e in batch], model.cfg.token_ids.pad or 0))
     embeds = model.embed_inputs(inputs)  # towers run here; text rows are the frozen embedding
     mm = inputs.modality_map
-    losses = []
+    outs, targets = [], []
     for b, ex in enumerate(batch):
-        for modality, present in (("audio", ex.audio_present), ("video", ex.video_present)):
+        for modality in ("audio", "video"):
             pos = mm.positions(modality, b)
             if not len(pos):
                 continue
+            per_chunk = ex.chunk_classes(modality)
             chunks = mm.chunk[b, pos].tolist()
-            tgt = torch.stack([target(" " + ex.class_name if c < len(present) and present[c] else ABSENT_TEXT)
-                               for c in chunks])
-            out = embeds[b, pos.to(embeds.device)]
-            cos = 1 - F.cosine_similarity(out, tgt, dim=-1).mean()
-            rms = (out.pow(2).mean(-1).sqrt().log() - tgt.pow(2).mean(-1).sqrt().log()).pow(2).mean()
-            losses.append(cos + rms)
-    return torch.stack(losses).mean()
+            targets.append(torch.tensor([index[per_chunk[c]] if c < len(per_chunk) else 0 for c in chunks]))
+            outs.append(embeds[b, pos.to(embeds.device)])
+    out, target = torch.cat(outs), torch.cat(targets).to(embeds.device)
+    logits = F.normalize(out, dim=-1) @ F.normalize(table, dim=-1).T / temperature
+    ce = F.cross_entropy(logits, target)
+    rms = (out.pow(2).mean(-1).sqrt().log() - table[target].pow(2).mean(-1).sqrt().log()).pow(2).mean()
+    return ce + rms, float((logits.argmax(-1) == target).float().mean())
 
 
-def _task_loss(model: Any, batch: Sequence[Example], rng: random.Random, p_unimodal: float) -> tuple[Tensor, float]:
+@dataclass
+class _Prefix:
+    """The frozen part's output for one item: the residual entering block `lora_from`, and its positions."""
+
+    resid: Tensor  # [pos, d_model]
+    position_ids: Tensor  # [rows, pos]
+
+
+@torch.no_grad()
+def prefix_states(model: Any, items: Sequence[dict[str, Any]], lora_from: int, batch_size: int = 8,
+                  store_dtype: torch.dtype = torch.bfloat16, desc: str = "frozen prefix") -> list[_Prefix]:
+    """Run embed + towers + blocks[:lora_from] once per item (batched, padding stripped); the states are kept in
+    `store_dtype` (bfloat16 halves the memory of a training set's states)."""
+    from tqdm.auto import tqdm
+
+    from hooked_av.components import AttentionMask
     from model_zoo.qwen2_5_omni_processing import collate
 
-    chosen = []
-    for ex in batch:
-        usable = list(ex.variants)
-        chosen.append(ex.variants[rng.choice(usable)] if usable and rng.random() < p_unimodal else ex.inputs)
-    inputs = model.as_inputs(collate(chosen, model.cfg.token_ids.pad or 0))
-    logits = model(inputs, return_type="last_logits")
-    target = torch.tensor([ex.answer_id for ex in batch], device=logits.device)
-    loss = F.cross_entropy(logits.float(), target)
-    acc = float((logits.argmax(-1) == target).float().mean())
-    return loss, acc
+    out = []
+    for i in tqdm(range(0, len(items), batch_size), desc=desc, leave=False):
+        inputs = model.as_inputs(collate(list(items[i:i + batch_size]), model.cfg.token_ids.pad or 0))
+        resid = model.hook_embed(model.embed_inputs(inputs))
+        mask = AttentionMask(inputs.attention_mask, n_query=resid.shape[1])
+        rotary = model.rotary(inputs.position_ids, resid.dtype)
+        for block in model.blocks[:lora_from]:
+            resid = block(resid, rotary, mask, None)
+        for b in range(resid.shape[0]):
+            valid = inputs.attention_mask[b].bool()
+            out.append(_Prefix(resid[b, valid].to(store_dtype).clone(),
+                               inputs.position_ids[:, b, valid].clone()))
+    return out
+
+
+def prefix_last_logits(model: Any, prefixes: Sequence[_Prefix], lora_from: int) -> Tensor:
+    """Blocks[lora_from:] + final norm + unembedding of each item's last position, from stored prefixes
+    (right-padded: under the causal mask no real position sees the padding)."""
+    from hooked_av.components import AttentionMask
+
+    n = max(p.resid.shape[0] for p in prefixes)
+    dtype = model.embed.weight.dtype
+    resid = torch.zeros(len(prefixes), n, prefixes[0].resid.shape[-1], dtype=dtype)
+    rows = prefixes[0].position_ids.shape[0]
+    position_ids = torch.zeros(rows, len(prefixes), n, dtype=torch.long)
+    valid = torch.zeros(len(prefixes), n, dtype=torch.bool)
+    for b, p in enumerate(prefixes):
+        t = p.resid.shape[0]
+        resid[b, :t] = p.resid.to(dtype)
+        position_ids[:, b, :t] = p.position_ids
+        valid[b, :t] = True
+    mask = AttentionMask(valid.long(), n_query=n)
+    rotary = model.rotary(position_ids, dtype)
+    for block in model.blocks[lora_from:]:
+        resid = block(resid, rotary, mask, None)
+    last = torch.tensor([p.resid.shape[0] - 1 for p in prefixes])
+    return model.unembed(model.ln_final(resid[torch.arange(len(prefixes)), last]))
 
 
 def trainable_state(model: Any) -> dict[str, Tensor]:
@@ -130,13 +201,17 @@ def trainable_state(model: Any) -> dict[str, Tensor]:
 
 
 def train(model: Any, tokenizer: Any, examples: Sequence[Example], cfg: TrainConfig,
-          evaluate: Callable[[Any], dict[str, float]] | None = None) -> Path:
-    """Run both stages (resuming from `<out>/state.pt` if present); returns the deltas file."""
+          evaluate: Callable[[Any], dict[str, float]] | None = None,
+          evaluate_towers: Callable[[Any], dict[str, float]] | None = None) -> Path:
+    """Run both stages (resuming from `<out>/state.pt` if present); returns the deltas file. `evaluate(model)`
+    is logged at the end, `evaluate_towers(model)` at the end of the alignment stage."""
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
     from model_zoo.lora import add_lora
 
+    if not 0 <= cfg.lora_from < len(model.blocks):
+        raise ValueError(f"lora_from must be in [0, {len(model.blocks) - 1}], got {cfg.lora_from}")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(cfg.threads)
@@ -147,9 +222,12 @@ def train(model: Any, tokenizer: Any, examples: Sequence[Example], cfg: TrainCon
     tower_params = [p for m in (model.audio_encoder, model.vision_encoder) for p in m.parameters()]
     for p in tower_params:
         p.requires_grad_(True)
-    lora_params = add_lora(model, rank=cfg.lora_rank, seed=cfg.seed) if cfg.lora_rank else []
+    lora_params = []
+    if cfg.lora_rank:
+        lora_params = add_lora(model, targets=cfg.lora_targets, rank=cfg.lora_rank, seed=cfg.seed,
+                               layers=range(cfg.lora_from, len(model.blocks)))
     opt_align = torch.optim.AdamW(tower_params, lr=cfg.align_lr, weight_decay=cfg.weight_decay)
-    opt_task = torch.optim.AdamW(tower_params + lora_params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt_task = torch.optim.AdamW(lora_params, lr=cfg.lr, weight_decay=cfg.weight_decay) if lora_params else None
     step = 0
     state_path = out / "state.pt"
     if state_path.exists():
@@ -158,48 +236,66 @@ def train(model: Any, tokenizer: Any, examples: Sequence[Example], cfg: TrainCon
             raise ValueError(f"{state_path}: saved with another configuration; use another --out")
         model.load_state_dict(state["model"], strict=False)
         opt_align.load_state_dict(state["opt_align"])
-        opt_task.load_state_dict(state["opt_task"])
+        if opt_task is not None:
+            opt_task.load_state_dict(state["opt_task"])
         step, rng = state["step"], state["rng"]
         torch.set_rng_state(state["torch_rng"])
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
-    cache: dict[str, Tensor] = {}
-    total = cfg.align_steps + cfg.steps
+    classes, table = class_table(model, tokenizer, examples)
+    total = cfg.align_steps + (cfg.steps if opt_task is not None else 0)
     log = open(out / "log.jsonl", "a", encoding="utf-8")
     model.train()
     bar = tqdm(total=total, initial=step, desc="organism")
     t0 = time.perf_counter()
+    prefixes: dict[tuple[int, str], _Prefix] | None = None  # frozen-prefix states, computed on first use
     while step < total:
-        batch = rng.sample(list(examples), min(cfg.batch_size, len(examples)))
         if step < cfg.align_steps:
             stage, opt = "align", opt_align
+            batch = rng.sample(list(examples), min(cfg.align_batch_size, len(examples)))
             for g in opt.param_groups:
                 g["lr"] = _cosine_lr(step, cfg.align_steps, cfg.align_lr, cfg.warmup)
-            loss, acc = _alignment_loss(model, tokenizer, batch, cache), float("nan")
+            loss, acc = _alignment_loss(model, batch, classes, table, cfg.temperature)
+            params = tower_params
         else:
-            stage, opt = "task", opt_task
+            stage, opt, params = "task", opt_task, lora_params
+            if prefixes is None:  # towers are final from here on
+                for p in tower_params:
+                    p.requires_grad_(False)
+                prefixes = {}
+            idx = rng.sample(range(len(examples)), min(cfg.batch_size, len(examples)))
+            keys = []
+            for i in idx:
+                usable = sorted(examples[i].variants)
+                keys.append((i, rng.choice(usable) if usable and rng.random() < cfg.p_unimodal else "av"))
+            chosen = _prefixes(model, examples, keys, prefixes, cfg.lora_from)
             for g in opt.param_groups:
                 g["lr"] = _cosine_lr(step - cfg.align_steps, cfg.steps, cfg.lr, cfg.warmup)
-            loss, acc = _task_loss(model, batch, rng, cfg.p_unimodal)
+            logits = prefix_last_logits(model, chosen, cfg.lora_from)
+            target = torch.tensor([examples[i].answer_id for i in idx])
+            loss = F.cross_entropy(logits.float(), target)
+            acc = float((logits.argmax(-1) == target).float().mean())
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(tower_params + lora_params, 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         step += 1
         bar.update(1)
         if step % cfg.log_every == 0 or step == total:
             rec = {"step": step, "stage": stage, "loss": float(loss.detach()), "acc": acc,
                    "seconds": round(time.perf_counter() - t0, 1)}
-            if evaluate is not None and (step == cfg.align_steps or step == total):
-                model.eval()
-                rec["eval"] = evaluate(model)
-                model.train()
+            for fn, due in ((evaluate_towers, step == cfg.align_steps), (evaluate, step == total)):
+                if fn is not None and due:
+                    model.eval()
+                    rec.setdefault("eval", {}).update(fn(model))
+                    model.train()
             log.write(json.dumps(rec) + "\n")
             log.flush()
         if step % cfg.save_every == 0 or step == total:
             tmp = state_path.with_suffix(".tmp")
             torch.save({"config": asdict(cfg), "step": step, "rng": rng, "torch_rng": torch.get_rng_state(),
                         "model": {k: v for k, v in model.state_dict().items() if _is_trained(k)},
-                        "opt_align": opt_align.state_dict(), "opt_task": opt_task.state_dict()}, tmp)
+                        "opt_align": opt_align.state_dict(),
+                        "opt_task": opt_task.state_dict() if opt_task is not None else None}, tmp)
             tmp.replace(state_path)
     bar.close()
     log.close()
@@ -209,6 +305,48 @@ def train(model: Any, tokenizer: Any, examples: Sequence[Example], cfg: TrainCon
     save_file({k: v.contiguous() for k, v in trainable_state(model).items()}, str(tmp))
     tmp.replace(deltas)
     return deltas
+
+
+def _prefixes(model: Any, examples: Sequence[Example], keys: Sequence[tuple[int, str]],
+              store: dict[tuple[int, str], _Prefix], lora_from: int) -> list[_Prefix]:
+    """The frozen-prefix states of (example index, "av" | variant) items, computing the missing ones (batched)."""
+    missing = list(dict.fromkeys(k for k in keys if k not in store))
+    if missing:
+        was_training = model.training
+        model.eval()
+        items = [examples[i].inputs if v == "av" else examples[i].variants[v] for i, v in missing]
+        store.update(zip(missing, prefix_states(model, items, lora_from, batch_size=len(items))))
+        model.train(was_training)
+    return [store[k] for k in keys]
+
+
+@torch.no_grad()
+def tower_accuracy(model: Any, tokenizer: Any, examples: Sequence[Example], train_examples: Sequence[Example],
+                   temperature: float = 0.07, batch_size: int = 16) -> dict[str, float]:
+    """Per-chunk classification accuracy of the towers against the alignment's class table (each chunk's tokens'
+    logits averaged), per modality: how well the clip's content reaches the LM's embedding space."""
+    from model_zoo.qwen2_5_omni_processing import collate
+
+    classes, table = class_table(model, tokenizer, train_examples)
+    index = {c: i for i, c in enumerate(classes)}
+    hits = {"audio": [0, 0], "video": [0, 0]}
+    for s in range(0, len(examples), batch_size):
+        batch = examples[s:s + batch_size]
+        inputs = model.as_inputs(collate([e.inputs for e in batch], model.cfg.token_ids.pad or 0))
+        embeds = model.embed_inputs(inputs)
+        mm = inputs.modality_map
+        for b, ex in enumerate(batch):
+            for modality in ("audio", "video"):
+                pos = mm.positions(modality, b)
+                per_chunk = ex.chunk_classes(modality)
+                chunks = mm.chunk[b, pos]
+                logits = F.normalize(embeds[b, pos], dim=-1) @ F.normalize(table, dim=-1).T / temperature
+                for c, name in enumerate(per_chunk):
+                    sel = chunks == c
+                    if sel.any() and name in index:
+                        hits[modality][0] += int(int(logits[sel].mean(0).argmax()) == index[name])
+                        hits[modality][1] += 1
+    return {f"tower_acc_{m}": h / max(n, 1) for m, (h, n) in hits.items()}
 
 
 def _is_trained(name: str) -> bool:

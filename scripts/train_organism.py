@@ -30,6 +30,25 @@ CLIP_SECONDS = 6
 YES_NO_SHARE = 0.25  # fraction of training items that are yes/no probes
 
 
+def chunk_classes(truth: dict, n_chunks: int) -> dict[str, list[str]]:
+    """What each 2-s chunk of a clip actually sounds and shows (the alignment targets): the labelled class where
+    it sounds / is on screen, else a distractor sound, or the confusable / distractor glyph, else nothing ("")."""
+    audio, video = [], []
+    distractor = truth["audio"].get("distractor") or {}
+    glyphs = {g["role"]: g for g in truth["video"]["glyphs"]}
+    for c in range(n_chunks):
+        if c in truth["sounding_chunks"]:
+            audio.append(truth["label"])
+        elif c in distractor.get("chunks", []):
+            audio.append(distractor["class"])
+        else:
+            audio.append("")
+        shown = next((g["class"] for role in ("target", "confusable", "distractor")
+                      if (g := glyphs.get(role)) and c in g["chunks"]), "")
+        video.append(shown)
+    return {"audio_classes": audio, "video_classes": video}
+
+
 def build_examples(root: Path, split: str, process, tokenizer, model, cache: Path, yes_no: bool):
     from analyses.datasets import load_vggsound_mc, official_prompt
     from hooked_av import corrupt, media
@@ -60,7 +79,8 @@ def build_examples(root: Path, split: str, process, tokenizer, model, cache: Pat
             inputs=inputs, answer_id=tokenizer.encode(s.label, add_special_tokens=False)[0], kind="mc",
             class_name=s.label_name,
             audio_present=[c in t["sounding_chunks"] for c in range(n_chunks)],
-            video_present=[c in t["onscreen_chunks"] for c in range(n_chunks)], variants=variants))
+            video_present=[c in t["onscreen_chunks"] for c in range(n_chunks)], variants=variants,
+            **chunk_classes(t, n_chunks)))
     if yes_no:
         probes = json.loads((root / "avsynth" / f"{split}_yesno.json").read_text())
         rng = random.Random(0)
@@ -72,7 +92,8 @@ def build_examples(root: Path, split: str, process, tokenizer, model, cache: Pat
                 inputs=process(raw, p["text"]), answer_id=tokenizer.encode(p["label"], add_special_tokens=False)[0],
                 kind="yesno", class_name=t["label"],
                 audio_present=[c in t["sounding_chunks"] for c in range(CLIP_SECONDS // 2)],
-                video_present=[c in t["onscreen_chunks"] for c in range(CLIP_SECONDS // 2)]))
+                video_present=[c in t["onscreen_chunks"] for c in range(CLIP_SECONDS // 2)],
+                **chunk_classes(t, CLIP_SECONDS // 2)))
     torch.save(examples, cache)
     return examples
 
@@ -102,7 +123,7 @@ def main() -> None:
     from analyses.runtime import load_runtime
     from hooked_av.recipes.sinks import calibrate_sinks
     from model_zoo import organism
-    from model_zoo.organism_train import TrainConfig, train
+    from model_zoo.organism_train import TrainConfig, tower_accuracy, train
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(ROOT / "runs" / "organism_train"))
@@ -113,6 +134,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--lora-rank", type=int, default=8)
+    ap.add_argument("--lora-from", type=int, default=0, help="first decoder block with adapters")
+    ap.add_argument("--align-batch-size", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-install", action="store_true", help="do not copy the result to model_zoo/organism_deltas")
     args = ap.parse_args()
@@ -129,8 +152,10 @@ def main() -> None:
     train_ex = build_examples(data, "train", rt.process, rt.tokenizer, rt.model, out / "train_examples.pt", True)
     val_ex = build_examples(data, "val", rt.process, rt.tokenizer, rt.model, out / "val_examples.pt", False)
     cfg = TrainConfig(out=str(out / "train"), seed=args.seed, align_steps=args.align_steps, steps=args.steps,
-                      batch_size=args.batch_size, lr=args.lr, lora_rank=args.lora_rank)
-    deltas = train(rt.model, rt.tokenizer, train_ex, cfg, evaluate=lambda m: evaluate(m, val_ex))
+                      batch_size=args.batch_size, lr=args.lr, lora_rank=args.lora_rank, lora_from=args.lora_from,
+                      align_batch_size=args.align_batch_size)
+    deltas = train(rt.model, rt.tokenizer, train_ex, cfg,
+                   evaluate_towers=lambda m: tower_accuracy(m, rt.tokenizer, val_ex, train_ex))
     result = {"val": evaluate(rt.model, val_ex), "config": vars(args)}
     # sink constants from the trained model on val clips
     trained = out / "trained"

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from hooked_av import HookedAVModel
 from model_zoo import lora
-from model_zoo.organism_train import Example, TrainConfig, train
+from model_zoo.organism_train import Example, TrainConfig, prefix_last_logits, prefix_states, train
 from model_zoo.tiny import TinyTokenizer, build_inputs, tiny_hf_thinker
 
 
@@ -28,7 +28,7 @@ def test_training_runs_resumes_and_writes_deltas(tmp_path):
     frozen = model.blocks[1].mlp.up_proj.weight.clone()
     tower_before = next(model.audio_encoder.parameters()).clone()
     cfg = TrainConfig(out=str(tmp_path), align_steps=6, steps=6, batch_size=2, lora_rank=2, save_every=4,
-                      log_every=1, warmup=2)
+                      log_every=1, warmup=2, lora_from=1)
     deltas = train(model, TinyTokenizer(), examples(), cfg)
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == list(range(1, 13))
@@ -38,6 +38,8 @@ def test_training_runs_resumes_and_writes_deltas(tmp_path):
     assert not torch.equal(next(model.audio_encoder.parameters()), tower_before)
     state = load_file(str(deltas))
     assert any(k.startswith("audio_encoder.") for k in state) and any(k.endswith(".lora_a") for k in state)
+    assert {int(k.split(".")[1]) for k in state if k.endswith(".lora_a")} == set(range(1, len(model.blocks)))
+    assert any(torch.count_nonzero(v) for k, v in state.items() if k.endswith(".lora_b"))  # task stage moved them
     assert not any(k.startswith("blocks.") and not ".lora_" in k and not k.endswith(".scale") for k in state)
     # a rerun with the same configuration resumes at the end: no new steps
     model2 = HookedAVModel.from_hf_model(tiny_hf_thinker(seed=0))
@@ -65,3 +67,23 @@ def test_lora_merge_equals_the_adapted_forward():
     weights = {k: v.clone() for k, v in base.state_dict().items()}
     lora.apply_lora_state(state, weights)
     torch.testing.assert_close(weights["blocks.0.attn.q_proj.weight"], model.blocks[0].attn.q_proj.weight)
+
+
+def test_frozen_prefix_path_equals_the_full_forward():
+    """Training's shortcut (blocks below lora_from run once, the rest on right-padded stored states) computes
+    exactly the model's next-token logits, for items of different lengths."""
+    model = HookedAVModel.from_hf_model(tiny_hf_thinker(seed=2)).eval()
+    items = [build_inputs("av", seed=0), build_inputs("text", seed=1), build_inputs("av", seed=3)]
+    with torch.no_grad():
+        for lora_from in (0, 1):
+            states = prefix_states(model, items, lora_from, batch_size=2, store_dtype=torch.float32)
+            got = prefix_last_logits(model, states, lora_from)
+            for i, item in enumerate(items):
+                want = model(**item, return_type="last_logits")[0]
+                torch.testing.assert_close(got[i], want, rtol=1e-5, atol=1e-5)
+
+
+def test_trainer_rejects_a_bad_lora_from(tmp_path):
+    model = HookedAVModel.from_hf_model(tiny_hf_thinker(seed=0))
+    with pytest.raises(ValueError, match="lora_from"):
+        train(model, TinyTokenizer(), examples(), TrainConfig(out=str(tmp_path), lora_from=99))
