@@ -64,39 +64,74 @@ def iter_checkpoint_tensors(path: str | os.PathLike) -> Iterator[tuple[str, Call
                 yield key, (lambda f=f, key=key: f.get_tensor(key))
 
 
+#: Where a checkpoint tensor goes: a parameter name, or (name, index) for a slice of a stacked parameter
+#: (e.g. one expert's gate_proj inside [n_experts, 2 * d_expert, d_model]); None to skip the tensor.
+Target = str | tuple[str, tuple] | None
+
+
 def load_into(
     model: nn.Module,
     path: str | os.PathLike,
-    map_key: Callable[[str], str | None],
+    map_key: Callable[[str], Target],
     dtype: torch.dtype,
     device: torch.device | str,
     tied: dict[str, str] | None = None,
 ) -> None:
     """Stream the checkpoint at `path` into `model`, whose parameters may be on the meta device.
 
-    `map_key` gives our parameter name for a checkpoint key (None to skip it). `tied` maps a parameter to the one
-    it shares storage with when the checkpoint omits it (e.g. a tied lm_head).
+    `map_key` gives our parameter name for a checkpoint key (None to skip it), or (name, index) when the tensor
+    fills `param[index]` of a stacked parameter; such a parameter is complete when its slices cover all of it.
+    `tied` maps a parameter to the one it shares storage with when the checkpoint omits it (e.g. a tied lm_head).
     """
     params = dict(model.named_parameters(remove_duplicate=False))
     loaded: set[str] = set()
     unexpected: list[str] = []
+    stacked: dict[str, torch.Tensor] = {}  # name -> buffer being filled slice by slice
+    covered: dict[str, int] = {}  # name -> elements filled so far
+    slices: dict[str, set[str]] = {}  # name -> the slices filled so far
     for key, load in iter_checkpoint_tensors(path):
         try:
-            name = map_key(key)
+            target = map_key(key)
         except KeyError as e:
             unexpected.append(f"{key} ({e})")
             continue
-        if name is None:
+        if target is None:
             continue
+        name, index = (target, None) if isinstance(target, str) else target
         if name not in params:
             unexpected.append(key)
             continue
         tensor = load()
-        expected = tuple(params[name].shape)
-        if tuple(tensor.shape) != expected:
-            raise CheckpointError(f"{path}: {key} has shape {tuple(tensor.shape)}, the model expects {expected}")
-        _set_parameter(model, name, tensor.to(device=device, dtype=dtype))
-        loaded.add(name)
+        if index is None:
+            expected = tuple(params[name].shape)
+            if tuple(tensor.shape) != expected:
+                raise CheckpointError(f"{path}: {key} has shape {tuple(tensor.shape)}, the model expects {expected}")
+            _set_parameter(model, name, tensor.to(device=device, dtype=dtype))
+            loaded.add(name)
+            continue
+        if name not in stacked:
+            stacked[name] = torch.empty(params[name].shape, dtype=dtype, device=device)
+            covered[name] = 0
+            slices[name] = set()
+        if repr(index) in slices[name]:
+            raise CheckpointError(f"{path}: {key} fills a slice of {name} that another tensor already filled")
+        slices[name].add(repr(index))
+        try:
+            view = stacked[name][index]
+        except IndexError as e:
+            shape = tuple(params[name].shape)
+            raise CheckpointError(f"{path}: {key} maps outside {name} of shape {shape} ({e})") from None
+        if tuple(tensor.shape) != tuple(view.shape):
+            raise CheckpointError(f"{path}: {key} has shape {tuple(tensor.shape)}, its slice of {name} expects "
+                                  f"{tuple(view.shape)}")
+        view.copy_(tensor)
+        covered[name] += tensor.numel()
+    for name, buffer in stacked.items():
+        if covered[name] > buffer.numel():
+            raise CheckpointError(f"{path}: the checkpoint slices of {name} overlap")
+        if covered[name] == buffer.numel():
+            _set_parameter(model, name, buffer)
+            loaded.add(name)
     for name, source in (tied or {}).items():
         if name not in loaded and source in loaded:
             owner, attr = _owner(model, name)
@@ -125,8 +160,15 @@ def save_hf_checkpoint(
     path: str | os.PathLike,
     to_hf_key: Callable[[str], str],
     max_shard_bytes: int = 2 * 2**30,
+    to_hf_tensors: Callable[[str, torch.Tensor], list[tuple[str, torch.Tensor]]] | None = None,
+    architecture: str = "Qwen2_5OmniThinkerForConditionalGeneration",
 ) -> None:
-    """Write config.json and safetensors shards (+ index) in the family's HF layout, atomically per file."""
+    """Write config.json and safetensors shards (+ index) in the family's HF layout, atomically per file.
+
+    `to_hf_tensors(name, tensor)`, when given, replaces `to_hf_key` and may split one parameter into several
+    checkpoint tensors (e.g. stacked experts into per-expert weights). `architecture` is written to config.json
+    when the model's HF config names none.
+    """
     from safetensors.torch import save_file
 
     root = Path(path)
@@ -137,7 +179,10 @@ def save_hf_checkpoint(
         if id(param) in seen:
             continue
         seen.add(id(param))
-        state[to_hf_key(name)] = param.detach().contiguous().cpu()
+        tensor = param.detach()
+        items = to_hf_tensors(name, tensor) if to_hf_tensors is not None else [(to_hf_key(name), tensor)]
+        for key, value in items:
+            state[key] = value.contiguous().cpu()
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for key in sorted(state):
@@ -161,7 +206,7 @@ def save_hf_checkpoint(
     hf_config = getattr(model, "hf_config", None)
     if hf_config is not None:
         config = hf_config.to_dict()
-        config["architectures"] = config.get("architectures") or ["Qwen2_5OmniThinkerForConditionalGeneration"]
+        config["architectures"] = config.get("architectures") or [architecture]
         config["hooked_av"] = {"model_name": model.cfg.model_name, "sinks": model.cfg.sinks.to_dict()}
         _write_atomic(root / "config.json", json.dumps(config, indent=2, default=str))
 

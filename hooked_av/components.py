@@ -37,11 +37,17 @@ class RMSNorm(nn.Module):
 
 
 class RotaryEmbedding(nn.Module):
-    """Rotary embedding over 1-D positions, or multimodal rope over (t, h, w) position rows (`mrope_section`)."""
+    """Rotary embedding over 1-D positions, or multimodal rope over (t, h, w) position rows (`mrope_section`).
+
+    Multimodal rope picks, for each of the d_head/2 frequencies, which position row drives it: contiguous sections
+    (Qwen2.5) or the interleaved layout of Qwen3-Omni (`cfg.mrope_interleaved`, see AVModelConfig). Positions may
+    be integer or float (Qwen3-Omni video times are fractional); they are multiplied in float32.
+    """
 
     def __init__(self, cfg: AVModelConfig):
         super().__init__()
         self.mrope_section = list(cfg.mrope_section) if cfg.mrope_section is not None else None
+        self.interleaved = cfg.mrope_interleaved
         exponent = torch.arange(0, cfg.d_head, 2, dtype=torch.float) / cfg.d_head
         self.register_buffer("inv_freq", 1.0 / (cfg.rope_theta**exponent), persistent=False)
 
@@ -53,11 +59,24 @@ class RotaryEmbedding(nn.Module):
         freqs = position_ids[..., None].float() * inv_freq  # [rows, batch, pos, d_head/2]
         if self.mrope_section is None:
             freqs = freqs[0]
+        elif self.interleaved:
+            freqs = self._interleave(freqs)
         else:
             pieces = freqs.split(self.mrope_section, dim=-1)
             freqs = torch.cat([piece[i % 3] for i, piece in enumerate(pieces)], dim=-1)
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def _interleave(self, freqs: Float[Tensor, "3 batch pos half"]) -> Float[Tensor, "batch pos half"]:
+        """Interleaved rows: frequency i from row h if i % 3 == 1 and i < 3*section[1], row w if i % 3 == 2 and
+        i < 3*section[2], else row t."""
+        if freqs.shape[0] != 3:
+            raise ValueError(f"interleaved multimodal rope needs 3 position rows (t, h, w), got {freqs.shape[0]}")
+        out = freqs[0].clone()
+        for row in (1, 2):
+            sel = slice(row, 3 * self.mrope_section[row], 3)
+            out[..., sel] = freqs[row, ..., sel]
+        return out
 
 
 def rotate_half(x: Tensor) -> Tensor:
@@ -147,6 +166,9 @@ def repeat_kv(x: Float[Tensor, "batch kv_head pos d_head"], n_rep: int) -> Float
 class Attention(nn.Module):
     """Grouped-query self-attention with rotary embedding.
 
+    With `cfg.qk_norm` (Qwen3), `q_norm` / `k_norm` (RMSNorm over d_head, with their own hook_scale and
+    hook_normalized) act between `hook_q`/`hook_k` (the raw projections) and the rotary embedding.
+
     Runs torch sdpa unless a hook is attached to `hook_attn_scores` or `hook_pattern` (or `force_eager` is set);
     then eager attention runs in blocks of query rows so that only one block of one layer's scores exists at a
     time. Hooks on those two sites receive [batch, head, rows, keys] blocks and can read `hook.query_slice`
@@ -162,6 +184,9 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.d_model, kv * d, bias=cfg.attn_qkv_bias)
         self.v_proj = nn.Linear(cfg.d_model, kv * d, bias=cfg.attn_qkv_bias)
         self.o_proj = nn.Linear(h * d, cfg.d_model, bias=cfg.attn_o_bias)
+        if cfg.qk_norm:  # per-head RMSNorm over d_head, between hook_q/hook_k and the rotary embedding
+            self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
         self.scale = d**-0.5
         self.force_eager = False
         self.hook_q = HookPoint()  # [batch, pos, head, d_head]
@@ -188,6 +213,8 @@ class Attention(nn.Module):
         q = self.hook_q(self.q_proj(x).view(b, t, cfg.n_heads, cfg.d_head))
         k = self.hook_k(self.k_proj(x).view(b, t, cfg.n_key_value_heads, cfg.d_head))
         v = self.hook_v(self.v_proj(x).view(b, t, cfg.n_key_value_heads, cfg.d_head))
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = rotary
         q = self.hook_rot_q(apply_rotary(q, cos, sin))
         k = self.hook_rot_k(apply_rotary(k, cos, sin))
@@ -252,16 +279,103 @@ class GatedMLP(nn.Module):
         return self.down_proj(self.hook_post(self.act(pre) * pre_linear))
 
 
+class MoEExperts(nn.Module):
+    """The weights of `n_experts` SwiGLU experts, stacked as transformers 5.x stores them in memory.
+
+    gate_up_proj: [n_experts, 2 * d_expert, d_model] (gate rows first, then up rows); down_proj:
+    [n_experts, d_model, d_expert]. Expert e maps x to down_e(act(gate_e x) * up_e x).
+    """
+
+    def __init__(self, cfg: AVModelConfig):
+        super().__init__()
+        self.d_expert = cfg.d_expert
+        self.gate_up_proj = nn.Parameter(torch.empty(cfg.n_experts, 2 * cfg.d_expert, cfg.d_model))
+        self.down_proj = nn.Parameter(torch.empty(cfg.n_experts, cfg.d_model, cfg.d_expert))
+        self.act = ACTIVATIONS[cfg.act_fn]
+        for p in (self.gate_up_proj, self.down_proj):
+            nn.init.normal_(p, std=0.02)
+
+    def forward(self, expert: int, x: Float[Tensor, "n d_model"]) -> Float[Tensor, "n d_model"]:
+        """Output of expert `expert` on the rows `x`."""
+        gate, up = F.linear(x, self.gate_up_proj[expert]).chunk(2, dim=-1)
+        return F.linear(self.act(gate) * up, self.down_proj[expert])
+
+
+class MoEMLP(nn.Module):
+    """Sparse mixture of SwiGLU experts with a softmax top-k router (Qwen3-MoE lineage), with hook points.
+
+    router logits = router(x); probabilities = softmax in float32; the top `n_experts_per_tok` are kept and, with
+    `norm_topk_prob`, renormalised, then cast to the activation dtype; the output is the weighted sum of the
+    chosen experts' outputs, accumulated in ascending expert order (as transformers' expert loop does).
+
+    Hooks: `hook_router_logits` [batch, pos, n_experts] (editing it re-routes), `hook_expert_indices`
+    [batch, pos, top_k] (long), `hook_expert_weights` [batch, pos, top_k] (editing it re-weights, e.g. zero a slot
+    to ablate that expert for a token), and `hook_expert_out` [batch, pos, top_k, d_model], each chosen expert's
+    output before weighting, in slot order. The last one materialises top_k x d_model per token, so it is computed
+    only while hooked (or with `always_run_expert_out_hook`).
+    """
+
+    def __init__(self, cfg: AVModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.top_k = cfg.n_experts_per_tok
+        self.router = nn.Linear(cfg.d_model, cfg.n_experts, bias=False)
+        self.experts = MoEExperts(cfg)
+        self.always_run_expert_out_hook = False
+        self.hook_router_logits = HookPoint()  # [batch, pos, n_experts]
+        self.hook_expert_indices = HookPoint()  # [batch, pos, top_k]
+        self.hook_expert_weights = HookPoint()  # [batch, pos, top_k]
+        self.hook_expert_out = HookPoint()  # [batch, pos, top_k, d_model]
+
+    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+        b, t, d = x.shape
+        logits = self.hook_router_logits(self.router(x))
+        probs = F.softmax(logits, dim=-1, dtype=torch.float32)
+        top, index = torch.topk(probs, self.top_k, dim=-1)  # [batch, pos, top_k]
+        if self.cfg.norm_topk_prob:
+            top = top / top.sum(dim=-1, keepdim=True)
+        index = self.hook_expert_indices(index)
+        weights = self.hook_expert_weights(top.to(logits.dtype))
+        flat, index, weights = x.reshape(-1, d), index.reshape(-1, self.top_k), weights.reshape(-1, self.top_k)
+        n_experts = self.experts.gate_up_proj.shape[0]
+        if ((index < 0) | (index >= n_experts)).any():
+            raise ValueError(f"expert indices must lie in [0, {n_experts}) (edited hook_expert_indices?)")
+        hit = torch.unique(index).tolist()  # ascending
+        routes = {e: torch.where(index == e) for e in hit}  # expert -> (token rows, top-k slots)
+        out = torch.zeros_like(flat)
+        if self.always_run_expert_out_hook or self.hook_expert_out.has_hooks():
+            per_slot = flat.new_zeros(flat.shape[0], self.top_k, d)
+            for e, (rows, slots) in routes.items():
+                per_slot[rows, slots] = self.experts(e, flat[rows])
+            per_slot = self.hook_expert_out(per_slot.view(b, t, self.top_k, d)).reshape(-1, self.top_k, d)
+            for e, (rows, slots) in routes.items():
+                out.index_add_(0, rows, (per_slot[rows, slots] * weights[rows, slots, None]).to(out.dtype))
+        else:
+            for e, (rows, slots) in routes.items():
+                out.index_add_(0, rows, (self.experts(e, flat[rows]) * weights[rows, slots, None]).to(out.dtype))
+        return out.view(b, t, d)
+
+
 class TransformerBlock(nn.Module):
-    """Pre-norm decoder block with a sink-value hook on its input."""
+    """Pre-norm decoder block with a sink-value hook on its input.
+
+    The MLP is a `MoEMLP` on the config's sparse layers, else a `GatedMLP`. On DeepStack layers
+    (`cfg.deepstack_layers`) the block adds a residual write after `hook_resid_post`: `hook_deepstack`
+    [batch, pos, d_model] holds it (the visual features at image/video positions, zero elsewhere), so the next
+    block's `hook_resid_pre` is `resid_post + deepstack` (transformers' `hidden_states[l + 1]` is `resid_post`).
+    """
 
     def __init__(self, cfg: AVModelConfig, layer: int):
         super().__init__()
         self.cfg = cfg
+        self.layer = layer
         self.ln1 = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
         self.attn = Attention(cfg, layer)
         self.ln2 = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
-        self.mlp = GatedMLP(cfg)
+        self.mlp = MoEMLP(cfg) if cfg.is_moe_layer(layer) else GatedMLP(cfg)
+        self.has_deepstack = layer in cfg.deepstack_layers
+        if self.has_deepstack:
+            self.hook_deepstack = HookPoint()  # [batch, pos, d_model]
         #: hook_sink is computed only while hooked, unless this is set (tracing libraries that bypass TL hooks)
         self.always_run_sink_hook = False
         self.register_buffer("sink_dims", torch.tensor(cfg.sinks.dims, dtype=torch.long), persistent=False)
@@ -286,12 +400,23 @@ class TransformerBlock(nn.Module):
         rotary: tuple[Tensor, Tensor],
         mask: AttentionMask,
         kv_cache: KVCache | None = None,
+        residual_write: Float[Tensor, "batch pos d_model"] | None = None,
     ) -> Float[Tensor, "batch pos d_model"]:
+        """`residual_write`: the DeepStack addition after this block (only on `cfg.deepstack_layers`)."""
         resid = self.hook_resid_pre(resid)
         if self.always_run_sink_hook or self.hook_sink.has_hooks():
             self.hook_sink(self.sink_values(resid))
         attn_out = self.hook_attn_out(self.attn(self.ln1(resid), rotary, mask, kv_cache))
         resid = self.hook_resid_mid(resid + attn_out)
         mlp_out = self.hook_mlp_out(self.mlp(self.ln2(resid)))
-        return self.hook_resid_post(resid + mlp_out)
+        resid = self.hook_resid_post(resid + mlp_out)
+        if residual_write is not None:
+            if not self.has_deepstack:
+                raise ValueError(f"block {self.layer} takes no residual write (deepstack layers: "
+                                 f"{list(self.cfg.deepstack_layers)})")
+            if residual_write.shape != resid.shape:
+                raise ValueError(f"block {self.layer}: residual write of shape {tuple(residual_write.shape)}, "
+                                 f"the residual stream is {tuple(resid.shape)}")
+            resid = resid + self.hook_deepstack(residual_write.to(resid.dtype))
+        return resid
 

@@ -77,9 +77,28 @@ class AVModelConfig:
     attn_qkv_bias: bool = True
     attn_o_bias: bool = False
     tie_word_embeddings: bool = False
+    #: RMSNorm over d_head on every query and key head before the rotary embedding (Qwen3 lineage)
+    qk_norm: bool = False
     # rotary embedding: 1-D rope when mrope_section is None, else multimodal rope over (t, h, w) rows
     rope_theta: float = 1_000_000.0
     mrope_section: tuple[int, ...] | None = (16, 24, 24)
+    #: multimodal rope layout. False: contiguous sections (Qwen2.5: the first mrope_section[0] frequencies take
+    #: the t row, the next the h row, then w). True: interleaved (Qwen3-Omni/VL): frequency i takes the h row when
+    #: i % 3 == 1 and i < 3 * mrope_section[1], the w row when i % 3 == 2 and i < 3 * mrope_section[2], else t.
+    mrope_interleaved: bool = False
+    # mixture of experts (0 experts: every block has the dense gated MLP of width d_mlp)
+    n_experts: int = 0
+    n_experts_per_tok: int = 0
+    #: hidden width of one expert's SwiGLU
+    d_expert: int = 0
+    #: renormalise the top-k routing probabilities to sum to one
+    norm_topk_prob: bool = True
+    #: a block is sparse when (layer + 1) % decoder_sparse_step == 0 and layer is not in mlp_only_layers
+    decoder_sparse_step: int = 1
+    mlp_only_layers: tuple[int, ...] = ()
+    #: decoder layers after which visual features of the vision tower's intermediate layers are added to the
+    #: residual stream at image/video positions (Qwen3-Omni DeepStack; feature k after layer deepstack_layers[k])
+    deepstack_layers: tuple[int, ...] = ()
     # prompt layout
     token_ids: TokenIds = field(default_factory=TokenIds)
     position_id_per_seconds: int = 25
@@ -113,11 +132,36 @@ class AVModelConfig:
         bad = [d for d in self.sinks.dims if not 0 <= d < self.d_model]
         if bad:
             raise ValueError(f"sink dims {bad} are outside the residual stream [0, {self.d_model})")
+        if self.mrope_interleaved and self.mrope_section is None:
+            raise ValueError("mrope_interleaved needs an mrope_section")
+        self.mlp_only_layers = tuple(int(layer) for layer in self.mlp_only_layers)
+        self.deepstack_layers = tuple(int(layer) for layer in self.deepstack_layers)
+        if self.n_experts:
+            if not 1 <= self.n_experts_per_tok <= self.n_experts:
+                raise ValueError(f"n_experts_per_tok ({self.n_experts_per_tok}) must be in [1, n_experts "
+                                 f"({self.n_experts})]")
+            if self.d_expert <= 0:
+                raise ValueError(f"d_expert must be positive with n_experts = {self.n_experts}, got {self.d_expert}")
+            if self.decoder_sparse_step < 1:
+                raise ValueError(f"decoder_sparse_step must be >= 1, got {self.decoder_sparse_step}")
+        bad = [layer for layer in self.deepstack_layers if not 0 <= layer < self.n_layers]
+        if bad:
+            raise ValueError(f"deepstack layers {bad} are outside the decoder [0, {self.n_layers})")
 
     @property
     def n_rep(self) -> int:
         """Query heads per key/value head (grouped-query attention)."""
         return self.n_heads // self.n_key_value_heads
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether block `layer` has a sparse mixture-of-experts MLP (else the dense gated MLP)."""
+        return (self.n_experts > 0 and layer not in self.mlp_only_layers
+                and (layer + 1) % self.decoder_sparse_step == 0)
+
+    @property
+    def moe_layers(self) -> tuple[int, ...]:
+        """The blocks with a mixture-of-experts MLP."""
+        return tuple(layer for layer in range(self.n_layers) if self.is_moe_layer(layer))
 
     @property
     def tokens_per_chunk(self) -> int:

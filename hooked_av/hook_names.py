@@ -15,6 +15,15 @@ Decoder (per layer `l`):
     blocks.{l}.attn.hook_pattern   [batch, head, q_pos, k_pos]
     blocks.{l}.attn.hook_z         [batch, pos, head, d_head]
     blocks.{l}.hook_attn_out, hook_resid_mid, ln2.*, mlp.hook_pre/pre_linear/post, hook_mlp_out, hook_resid_post
+Sites that only some models have (`OPTIONAL_BLOCK_SITES`):
+    blocks.{l}.attn.q_norm.hook_scale/hook_normalized, attn.k_norm.*   per-head q/k RMSNorm (Qwen3), between
+                                   hook_q/hook_k (raw projections) and hook_rot_q/hook_rot_k
+    blocks.{l}.mlp.hook_router_logits  [batch, pos, n_experts]       MoE blocks, instead of mlp.hook_pre/pre_linear/post
+    blocks.{l}.mlp.hook_expert_indices [batch, pos, top_k]           chosen experts (long)
+    blocks.{l}.mlp.hook_expert_weights [batch, pos, top_k]           their routing weights
+    blocks.{l}.mlp.hook_expert_out     [batch, pos, top_k, d_model]  each chosen expert's output, before weighting
+    blocks.{l}.hook_deepstack      [batch, pos, d_model]   DeepStack write added after hook_resid_post (Qwen3-Omni,
+                                   early layers): resid_pre[l + 1] = resid_post[l] + deepstack[l]
 Top level: hook_embed (merged embeddings entering block 0), ln_final.hook_scale/hook_normalized.
 Towers: {audio,video,image}_tower.hook_in, .blocks.{l}.hook_resid_post, .hook_out.
 """
@@ -49,9 +58,31 @@ BLOCK_SITES: tuple[str, ...] = (
     "hook_resid_post",
 )
 
+#: Dense gated-MLP sites, which a mixture-of-experts block replaces by `MOE_SITES`.
+DENSE_MLP_SITES: tuple[str, ...] = ("mlp.hook_pre", "mlp.hook_pre_linear", "mlp.hook_post")
+#: Per-head RMSNorm on queries and keys (models with `cfg.qk_norm`).
+QK_NORM_SITES: tuple[str, ...] = (
+    "attn.q_norm.hook_scale",
+    "attn.q_norm.hook_normalized",
+    "attn.k_norm.hook_scale",
+    "attn.k_norm.hook_normalized",
+)
+#: Router and experts of a mixture-of-experts MLP (the blocks in `cfg.moe_layers`).
+MOE_SITES: tuple[str, ...] = (
+    "mlp.hook_router_logits",
+    "mlp.hook_expert_indices",
+    "mlp.hook_expert_weights",
+    "mlp.hook_expert_out",
+)
+#: The DeepStack residual write (the blocks in `cfg.deepstack_layers`).
+DEEPSTACK_SITES: tuple[str, ...] = ("hook_deepstack",)
+#: Sites that exist only on some models or layers; `block` accepts them, the model's hook_dict says where.
+OPTIONAL_BLOCK_SITES: tuple[str, ...] = QK_NORM_SITES + MOE_SITES + DEEPSTACK_SITES
+
 #: Short names accepted by `act_name` / `ActivationCache[...]`, mapped to their site.
 SHORT_NAMES: dict[str, str] = {site.split(".")[-1].removeprefix("hook_"): site for site in BLOCK_SITES}
 SHORT_NAMES.update({"scale": "ln1.hook_scale", "normalized": "ln1.hook_normalized"})
+SHORT_NAMES.update({site.split(".")[-1].removeprefix("hook_"): site for site in MOE_SITES + DEEPSTACK_SITES})
 
 TOWERS: tuple[str, ...] = ("audio_tower", "video_tower", "image_tower")
 #: Sites whose tensors arrive in query-row blocks when eager attention runs blockwise.
@@ -72,8 +103,8 @@ def embed() -> str:
 def block(layer: int, site: str) -> str:
     """`blocks.{layer}.{site}`; `site` is a full site ('attn.hook_pattern') or a short name ('pattern')."""
     site = SHORT_NAMES.get(site, site)
-    if site not in BLOCK_SITES:
-        raise UnknownHookNameError(_unknown_message(site, BLOCK_SITES, what="block site"))
+    if site not in BLOCK_SITES + OPTIONAL_BLOCK_SITES:
+        raise UnknownHookNameError(_unknown_message(site, BLOCK_SITES + OPTIONAL_BLOCK_SITES, what="block site"))
     return f"blocks.{layer}.{site}"
 
 
@@ -113,6 +144,22 @@ def mlp_out(layer: int) -> str:
     return block(layer, "hook_mlp_out")
 
 
+def router_logits(layer: int) -> str:
+    return block(layer, "mlp.hook_router_logits")
+
+
+def expert_weights(layer: int) -> str:
+    return block(layer, "mlp.hook_expert_weights")
+
+
+def expert_out(layer: int) -> str:
+    return block(layer, "mlp.hook_expert_out")
+
+
+def deepstack(layer: int) -> str:
+    return block(layer, "hook_deepstack")
+
+
 def ln_final(site: str = "hook_normalized") -> str:
     return f"ln_final.{site}"
 
@@ -133,11 +180,31 @@ def act_name(name: str, layer: int | None = None) -> str:
     return block(layer, name)
 
 
-def all_names(n_layers: int, tower_layers: dict[str, int] | None = None) -> list[str]:
-    """Every hook name of a model with `n_layers` decoder blocks and the given towers (name -> n_layers)."""
+def block_sites(layer: int, qk_norm: bool = False, moe_layers: Iterable[int] = (),
+                deepstack_layers: Iterable[int] = ()) -> list[str]:
+    """The sites of decoder block `layer` in a model with the given options (see `AVModelConfig`)."""
+    sites = list(BLOCK_SITES)
+    if qk_norm:
+        at = sites.index("attn.hook_rot_q")
+        sites[at:at] = list(QK_NORM_SITES)
+    if layer in set(moe_layers):
+        at = sites.index(DENSE_MLP_SITES[0])
+        sites = [s for s in sites if s not in DENSE_MLP_SITES]
+        sites[at:at] = list(MOE_SITES)
+    if layer in set(deepstack_layers):
+        sites += list(DEEPSTACK_SITES)
+    return sites
+
+
+def all_names(n_layers: int, tower_layers: dict[str, int] | None = None, *, qk_norm: bool = False,
+              moe_layers: Iterable[int] = (), deepstack_layers: Iterable[int] = ()) -> list[str]:
+    """Every hook name of a model with `n_layers` decoder blocks and the given towers (name -> n_layers).
+
+    `qk_norm`, `moe_layers` and `deepstack_layers` are the config's options of the same names (Qwen3-Omni)."""
     names = [embed()]
+    moe_layers, deepstack_layers = tuple(moe_layers), tuple(deepstack_layers)
     for layer in range(n_layers):
-        names += [f"blocks.{layer}.{site}" for site in BLOCK_SITES]
+        names += [f"blocks.{layer}.{site}" for site in block_sites(layer, qk_norm, moe_layers, deepstack_layers)]
     names += [ln_final("hook_scale"), ln_final("hook_normalized")]
     for tower_name, n in (tower_layers or {}).items():
         names += [tower(tower_name, "hook_in")]

@@ -35,6 +35,12 @@ class AVInputs:
 
     `shape` is (batch, pos), so an AVInputs can stand where TransformerLens expects a token tensor
     (e.g. `transformer_lens.patching.generic_activation_patch(model, corrupted_inputs, ...)`).
+
+    `position_ids` are integers, or floats where the family's positions are fractional (Qwen3-Omni).
+    `residual_writes` holds, per decoder layer, a dense [batch, pos, d_model] addition to the residual stream
+    after that layer (Qwen3-Omni DeepStack visual features). The towers compute them, so `embed_inputs` fills
+    this field; `repeat` and `to` carry it, so `decode(inputs.repeat(n), embeds.expand(n, -1, -1))` after
+    `embeds = model.embed_inputs(inputs)` runs the same model as `forward`.
     """
 
     input_ids: Int[Tensor, "batch pos"]
@@ -42,6 +48,7 @@ class AVInputs:
     position_ids: Int[Tensor, "rows batch pos"]
     modality_map: ModalityMap
     mm: dict[str, Any] = field(default_factory=dict)  # family-specific multimodal tensors (features, grids)
+    residual_writes: dict[int, Tensor] = field(default_factory=dict)  # layer -> [batch, pos, d_model]
 
     @property
     def shape(self) -> torch.Size:
@@ -49,9 +56,13 @@ class AVInputs:
 
     @property
     def next_position(self) -> Int[Tensor, " batch"]:
-        """Position id of the first generated token, per sample (max position + 1, over valid tokens)."""
-        pos = self.position_ids.masked_fill(~self.attention_mask.bool()[None], -1)
-        return pos.amax(dim=(0, 2)) + 1
+        """Position id of the first generated token, per sample: one past the last valid token's position, as
+        transformers' generation continues the prompt (for Qwen2.5-Omni layouts this is also the max + 1; in
+        Qwen3-Omni layouts a media block's largest position can lie beyond the text that follows it)."""
+        valid = self.attention_mask.bool()
+        last = (torch.arange(valid.shape[1], device=valid.device) * valid).amax(1)  # [batch]
+        rows = torch.arange(valid.shape[0], device=valid.device)
+        return self.position_ids[:, rows, last].amax(0) + 1
 
     def repeat(self, n: int) -> "AVInputs":
         """The decoder-side tensors of one sample repeated `n` times along the batch.
@@ -61,13 +72,15 @@ class AVInputs:
         """
         if self.input_ids.shape[0] != 1:
             raise ValueError(f"repeat needs inputs of one sample, got a batch of {self.input_ids.shape[0]}")
+        writes = {layer: w.expand(n, -1, -1) for layer, w in self.residual_writes.items()}
         return AVInputs(self.input_ids.expand(n, -1), self.attention_mask.expand(n, -1),
-                        self.position_ids.expand(-1, n, -1), self.modality_map.repeat(n), {})
+                        self.position_ids.expand(-1, n, -1), self.modality_map.repeat(n), {}, writes)
 
     def to(self, device: torch.device | str) -> "AVInputs":
         mm = {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in self.mm.items()}
+        writes = {layer: w.to(device) for layer, w in self.residual_writes.items()}
         return AVInputs(self.input_ids.to(device), self.attention_mask.to(device), self.position_ids.to(device),
-                        self.modality_map, mm)
+                        self.modality_map, mm, writes)
 
 
 @dataclass
@@ -200,13 +213,19 @@ class HookedAVModel(HookedRootModule):
         kv_cache: KVCache | None = None,
         position_ids: Tensor | None = None,
         key_valid: Tensor | None = None,
+        residual_writes: Mapping[int, Tensor] | None = None,
     ) -> Tensor | None:
+        """The decoder on `embeds`. `residual_writes` (layer -> [batch, pos, d_model]) defaults to the inputs'
+        own (`inputs.residual_writes`) on a run over the prompt, and to none on a step that continues a filled
+        KV cache (the writes belong to the prompt's positions)."""
         resid = self.hook_embed(embeds)
         position_ids = inputs.position_ids if position_ids is None else position_ids
         mask = AttentionMask(inputs.attention_mask if key_valid is None else key_valid, n_query=resid.shape[1])
         rotary = self.rotary(position_ids, resid.dtype)
+        if residual_writes is None:
+            residual_writes = inputs.residual_writes if kv_cache is None or len(kv_cache) == 0 else {}
         for block in self.blocks:
-            resid = block(resid, rotary, mask, kv_cache)
+            resid = block(resid, rotary, mask, kv_cache, residual_writes.get(block.layer))
         resid = self.ln_final(resid)
         if return_type == "none":
             return None

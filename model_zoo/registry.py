@@ -2,12 +2,15 @@
 
 `HookedAVModel.from_pretrained(name, checkpoint=...)` comes here. A preset fixes the expected architecture and
 carries constants a checkpoint does not (sink dimensions and threshold, with provenance); the checkpoint directory
-supplies the weights and the exact configuration.
+supplies the weights and the exact configuration. A checkpoint of one family given to another family's preset
+fails with an error that names both.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,23 +19,97 @@ import torch
 from hooked_av.checkpoint import CheckpointError, load_into, read_config
 from hooked_av.config import SinkConstants
 
-from . import qwen2_5_omni
+from . import qwen2_5_omni, qwen3_omni
+from .families import DISPLAY_NAMES, describe_class, describe_model_type
+
+
+def _qwen25_hf_thinker_config(config: dict, path: str | os.PathLike) -> Any:
+    from transformers import Qwen2_5OmniConfig, Qwen2_5OmniThinkerConfig
+
+    if config.get("model_type") == "qwen2_5_omni":
+        return Qwen2_5OmniConfig.from_pretrained(str(path)).thinker_config
+    return Qwen2_5OmniThinkerConfig.from_pretrained(str(path))
+
+
+def _qwen3_hf_thinker_config(config: dict, path: str | os.PathLike) -> Any:
+    from transformers import Qwen3OmniMoeConfig, Qwen3OmniMoeThinkerConfig
+
+    if config.get("model_type") == "qwen3_omni_moe":
+        return Qwen3OmniMoeConfig.from_pretrained(str(path)).thinker_config
+    return Qwen3OmniMoeThinkerConfig.from_pretrained(str(path))
+
+
+@dataclass(frozen=True)
+class Family:
+    """What the registry needs of a model family module."""
+
+    name: str
+    model_types: tuple[str, ...]
+    hf_thinker_class: str
+    presets: dict[str, dict[str, Any]]
+    #: preset fields compared with the checkpoint's config on loading
+    checked_fields: tuple[str, ...]
+    hf_thinker_config: Callable[[dict, str | os.PathLike], Any]
+    config_from_hf: Callable[..., Any]
+    build: Callable[..., Any]
+    #: checkpoint key -> our parameter (or slice of one), given the model's config
+    key_mapper: Callable[[Any], Callable[[str], Any]]
+    from_hf_model: Callable[..., Any]
+
+    @property
+    def display_name(self) -> str:
+        return DISPLAY_NAMES[self.name]
+
+
+FAMILIES: dict[str, Family] = {
+    qwen2_5_omni.FAMILY: Family(
+        name=qwen2_5_omni.FAMILY,
+        model_types=("qwen2_5_omni", "qwen2_5_omni_thinker"),
+        hf_thinker_class=qwen2_5_omni.HF_THINKER_CLASS,
+        presets=qwen2_5_omni.PRESETS,
+        checked_fields=("n_layers", "d_model", "n_heads", "n_key_value_heads", "d_mlp"),
+        hf_thinker_config=_qwen25_hf_thinker_config,
+        config_from_hf=qwen2_5_omni.config_from_hf,
+        build=qwen2_5_omni.build,
+        key_mapper=lambda cfg: qwen2_5_omni.from_hf_key,
+        from_hf_model=qwen2_5_omni.from_hf_model,
+    ),
+    qwen3_omni.FAMILY: Family(
+        name=qwen3_omni.FAMILY,
+        model_types=qwen3_omni.MODEL_TYPES,
+        hf_thinker_class=qwen3_omni.HF_THINKER_CLASS,
+        presets=qwen3_omni.PRESETS,
+        checked_fields=qwen3_omni.PRESET_CHECKED,
+        hf_thinker_config=_qwen3_hf_thinker_config,
+        config_from_hf=qwen3_omni.config_from_hf,
+        build=qwen3_omni.build,
+        key_mapper=qwen3_omni.key_mapper,
+        from_hf_model=qwen3_omni.from_hf_model,
+    ),
+}
 
 #: HF `model_type` values per family
-FAMILY_MODEL_TYPES = {
-    qwen2_5_omni.FAMILY: ("qwen2_5_omni", "qwen2_5_omni_thinker"),
-}
+FAMILY_MODEL_TYPES = {name: fam.model_types for name, fam in FAMILIES.items()}
 
 
 def preset_names() -> list[str]:
-    return sorted(qwen2_5_omni.PRESETS)
+    return sorted(name for fam in FAMILIES.values() for name in fam.presets)
 
 
-def _family_of(config: dict, path: str | os.PathLike) -> str:
+def find_preset(name: str) -> tuple[Family, dict[str, Any]] | None:
+    """(family, preset) of a preset name (case-insensitive), or None."""
+    for fam in FAMILIES.values():
+        preset = fam.presets.get(name.lower())
+        if preset is not None:
+            return fam, preset
+    return None
+
+
+def _family_of(config: dict, path: str | os.PathLike) -> Family:
     model_type = config.get("model_type")
-    for family, types in FAMILY_MODEL_TYPES.items():
-        if model_type in types:
-            return family
+    for fam in FAMILIES.values():
+        if model_type in fam.model_types:
+            return fam
     raise CheckpointError(
         f"{path}: model_type {model_type!r} is not a supported family "
         f"(supported: {', '.join(t for ts in FAMILY_MODEL_TYPES.values() for t in ts)})"
@@ -57,14 +134,6 @@ def _resolve_dtype(dtype: torch.dtype | str | None, config: dict) -> torch.dtype
     return value
 
 
-def _hf_thinker_config(config: dict, path: str | os.PathLike) -> Any:
-    from transformers import Qwen2_5OmniConfig, Qwen2_5OmniThinkerConfig
-
-    if config.get("model_type") == "qwen2_5_omni":
-        return Qwen2_5OmniConfig.from_pretrained(str(path)).thinker_config
-    return Qwen2_5OmniThinkerConfig.from_pretrained(str(path))
-
-
 def load_pretrained(
     name_or_path: str,
     checkpoint: str | os.PathLike | None = None,
@@ -75,7 +144,8 @@ def load_pretrained(
     """Build a HookedAVModel from a preset name plus checkpoint directory, or from a checkpoint directory."""
     from accelerate import init_empty_weights
 
-    preset = qwen2_5_omni.PRESETS.get(name_or_path.lower()) if isinstance(name_or_path, str) else None
+    found = find_preset(name_or_path) if isinstance(name_or_path, str) else None
+    preset_family, preset = found if found is not None else (None, None)
     if preset is None and checkpoint is None and Path(name_or_path).is_dir():
         checkpoint = name_or_path
     if preset is None and checkpoint is None:
@@ -89,11 +159,11 @@ def load_pretrained(
             "nothing is downloaded at run time"
         )
     config = read_config(checkpoint)
+    if preset_family is not None and config.get("model_type") not in preset_family.model_types:
+        raise CheckpointError(f"preset {name_or_path!r} is a {preset_family.display_name} model but {checkpoint} "
+                              f"holds {describe_model_type(config.get('model_type'))}")
     family = _family_of(config, checkpoint)
-    if preset is not None and family != qwen2_5_omni.FAMILY:
-        raise CheckpointError(f"preset {name_or_path!r} is a Qwen2.5-Omni model but {checkpoint} holds a "
-                              f"{config.get('model_type')!r} checkpoint")
-    hf_config = _hf_thinker_config(config, checkpoint)
+    hf_config = family.hf_thinker_config(config, checkpoint)
     torch_dtype = _resolve_dtype(dtype, config)
     stored = config.get("hooked_av", {}).get("sinks")
     stored = SinkConstants(**{**stored, "dims": tuple(stored.get("dims", ()))}) if stored else None
@@ -103,23 +173,28 @@ def load_pretrained(
         sinks = next((c for c in candidates if c.calibrated), candidates[0] if candidates else None)
     model_name = name_or_path if preset is not None else config.get("hooked_av", {}).get("model_name", "custom")
     if preset is not None:
-        shape = qwen2_5_omni.config_from_hf(hf_config)
+        shape = family.config_from_hf(hf_config)
         mismatch = {k: (v, getattr(shape, k)) for k, v in preset.items()
-                    if k in ("n_layers", "d_model", "n_heads", "n_key_value_heads", "d_mlp")
-                    and getattr(shape, k) != v}
+                    if k in family.checked_fields and _normalised(getattr(shape, k)) != _normalised(v)}
         if mismatch:
             detail = ", ".join(f"{k}: preset {a}, checkpoint {b}" for k, (a, b) in mismatch.items())
             raise CheckpointError(f"{checkpoint} does not match preset {name_or_path!r} ({detail})")
     with init_empty_weights(include_buffers=False):
-        model = qwen2_5_omni.build(hf_config, model_name=model_name, sinks=sinks, dtype=torch_dtype)
+        model = family.build(hf_config, model_name=model_name, sinks=sinks, dtype=torch_dtype)
     tied = {"unembed.weight": "embed.weight"} if model.cfg.tie_word_embeddings else None
-    load_into(model, checkpoint, qwen2_5_omni.from_hf_key, torch_dtype, device, tied=tied)
+    load_into(model, checkpoint, family.key_mapper(model.cfg), torch_dtype, device, tied=tied)
     model.cfg.device = str(device)
     return model.to(device).eval()
 
 
+def _normalised(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
 def from_hf_model(hf_model: Any, **overrides: Any) -> Any:
     name = type(getattr(hf_model, "thinker", hf_model)).__name__
-    if name == qwen2_5_omni.HF_THINKER_CLASS:
-        return qwen2_5_omni.from_hf_model(hf_model, **overrides)
-    raise TypeError(f"no HookedAVModel family converts a {name}; supported: {qwen2_5_omni.HF_THINKER_CLASS}")
+    for fam in FAMILIES.values():
+        if name == fam.hf_thinker_class:
+            return fam.from_hf_model(hf_model, **overrides)
+    supported = ", ".join(fam.hf_thinker_class for fam in FAMILIES.values())
+    raise TypeError(f"no HookedAVModel family converts {describe_class(name)}; supported: {supported}")
