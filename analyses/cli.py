@@ -5,6 +5,8 @@
     hooked-av report    --out runs/x
     hooked-av calibrate --model DIR --data LIST --media-root M --out runs/cal
     hooked-av official-ie --stage2 before_attn_layer0_window50people.json
+    hooked-av mitigate  --model DIR --probes qa_final_single_filtered.json --media-root AVHBench --out runs/m \
+                        --methods plain,amplify,contrastive,guidance --alphas 0.2,0.5 --betas 1 --strengths 0.5
 
 Runs append one JSON line per sample and resume where they stopped; settings and seeds are in settings.json.
 """
@@ -29,6 +31,15 @@ def _ints(text: str) -> tuple[int, ...]:
         elif part:
             out.append(int(part))
     return tuple(out)
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    """"0.2,0.5,1"."""
+    return tuple(float(part) for part in text.split(",") if part)
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -108,7 +119,53 @@ def build_parser() -> argparse.ArgumentParser:
     oie = sub.add_parser("official-ie", help="IE_clean / IE_corrupt of official stage-2 records (causal_effect.py)")
     oie.add_argument("--stage2", required=True, nargs="+")
     oie.add_argument("--threshold", type=int, default=None)
+
+    _mitigate_args(sub.add_parser("mitigate", help="hallucination mitigation methods on AVHBench-format probes"))
     return parser
+
+
+def _mitigate_args(p: argparse.ArgumentParser) -> None:
+    from hooked_av.recipes import amplify, mitigate
+
+    _model_args(p)
+    p.add_argument("--probes", required=True,
+                   help="AVHBench question file (qa_final_single_filtered.json) or an avsynth yes/no / captions file")
+    p.add_argument("--media-root", default=None,
+                   help="folder with videos/<id>.mp4 and audios/<id>.wav (AVHBench) or the files' relative paths")
+    p.add_argument("--captions", default=None, help="a second file of caption items (e.g. avsynth test_captions.json)")
+    p.add_argument("--mc-data", default=None, help="official VGGSound MC list for the 20-way no-harm check")
+    p.add_argument("--mc-limit", type=int, default=None, help="first N multiple-choice samples only")
+    p.add_argument("--tasks", type=_names, default=None, help="comma-separated AVHBench task names to keep")
+    p.add_argument("--limit", type=int, default=None, help="first N probes only (per file)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0, help="model seed (tiny), random token sets and bootstrap")
+    p.add_argument("--methods", type=_names, default=("plain", "amplify", "contrastive", "guidance"),
+                   help="comma-separated: plain, amplify, contrastive, guidance")
+    p.add_argument("--alphas", type=_floats, default=(amplify.OFFICIAL_ALPHA,), help="amplification alphas")
+    p.add_argument("--tokens", type=_names, default=("cross_modal",),
+                   help=f"token sets to amplify: {','.join(mitigate.TOKEN_SETS)}")
+    p.add_argument("--layers", type=_ints, default=None, help="amplified layers (default: the official l > 5)")
+    p.add_argument("--queries", default="text", choices=amplify.QUERY_ROWS, help="amplified query rows")
+    p.add_argument("--head-rule", default="none", choices=("none", *mitigate.GRANULARITIES),
+                   help="also amplify only heads / layers chosen from sink-role statistics")
+    p.add_argument("--min-mass", type=float, default=mitigate.VAR_MIN_MASS)
+    p.add_argument("--min-share", type=float, default=mitigate.OFFICIAL_ADAPTIVE_THRESHOLD)
+    p.add_argument("--top-k", type=int, default=None, help="head rule: the top K heads instead of --min-mass")
+    p.add_argument("--betas", type=_floats, default=(mitigate.VCD_BETA,), help="contrastive weights")
+    p.add_argument("--drop", default="video", choices=mitigate.DROPS, help="modality removed in the negative")
+    p.add_argument("--plausibility", type=float, default=mitigate.VCD_PLAUSIBILITY)
+    p.add_argument("--strengths", type=_floats, default=(mitigate.OFFICIAL_GUIDANCE_STRENGTH,),
+                   help="guidance strengths (the official base 0.5)")
+    p.add_argument("--guidance-first-step", default="adaptive", choices=mitigate.FIRST_STEPS,
+                   help="'official' fixes s = 0 on the first token (yes/no answers then equal plain)")
+    p.add_argument("--k-divide", type=int, default=mitigate.OFFICIAL_GUIDANCE_K_DIVIDE)
+    p.add_argument("--split-rule", default="official", choices=("official", "threshold"))
+    p.add_argument("--max-new-tokens", type=int, default=32, help="caption length")
+    p.add_argument("--cost-tokens", type=int, default=4, help="tokens generated per method to time (0: off)")
+    p.add_argument("--cost-items", type=int, default=2, help="yes/no items whose generation is timed")
+    p.add_argument("--prompt-suffix", default="", help="appended to every question")
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap draws of the CIs")
+    p.add_argument("--no-resume", action="store_true", help="start over instead of resuming")
 
 
 def _source(args: argparse.Namespace, rt: Any) -> Any:
@@ -252,6 +309,65 @@ def cmd_official_ie(args: argparse.Namespace) -> int:
     return 0
 
 
+def mitigation_methods(args: argparse.Namespace) -> list[Any]:
+    """The methods of a `mitigate` command line: plain; amplify per token set x alpha (and head-selected
+    variants with --head-rule); contrastive per beta; guidance per strength."""
+    from hooked_av.recipes import mitigate
+
+    known = ("plain", "amplify", "contrastive", "guidance")
+    unknown = [m for m in args.methods if m not in known]
+    if unknown:
+        raise ValueError(f"unknown method {unknown[0]!r}; known: {', '.join(known)}")
+    out: list[Any] = []
+    layers = tuple(args.layers) if args.layers else None
+    if "plain" in args.methods:
+        out.append(mitigate.Plain())
+    if "amplify" in args.methods:
+        rules = [None]
+        if args.head_rule != "none":
+            rules.append(mitigate.HeadRule(args.min_mass, args.min_share, args.head_rule, args.top_k))
+        out += [mitigate.Amplify(alpha=a, tokens=t, layers=layers, queries=args.queries, head_rule=r)
+                for t in args.tokens for r in rules for a in args.alphas]
+    if "contrastive" in args.methods:
+        out += [mitigate.Contrastive(beta=b, drop=args.drop, plausibility=args.plausibility) for b in args.betas]
+    if "guidance" in args.methods:
+        out += [mitigate.Guidance(strength=s, first_step=args.guidance_first_step) for s in args.strengths]
+    return out
+
+
+#: ids of the --captions file's items get this prefix (its ids may repeat the probe file's)
+CAPTIONS_PREFIX = "captions:"
+
+
+def cmd_mitigate(args: argparse.Namespace) -> int:
+    from .datasets import load_vggsound_mc
+    from .hallucination import (MitigationSettings, ProbeSet, load_avhbench, mitigation_table_markdown,
+                                run_mitigation, summarize_mitigation, write_mitigation_report)
+
+    methods = mitigation_methods(args)
+    probes = load_avhbench(args.probes, args.media_root, tasks=args.tasks, limit=args.limit)
+    if args.captions:
+        extra = load_avhbench(args.captions, args.media_root, limit=args.limit).prefixed(CAPTIONS_PREFIX)
+        probes = ProbeSet(probes.items + extra.items, probes.skipped + extra.skipped, f"{probes.source}+{extra.source}")
+    mc = load_vggsound_mc(args.mc_data, media_root=args.media_root)[: args.mc_limit] if args.mc_data else []
+    settings = MitigationSettings(seed=args.seed, n_boot=args.n_boot, k_divide=args.k_divide,
+                                  split_rule=args.split_rule, max_new_tokens=args.max_new_tokens,
+                                  cost_tokens=args.cost_tokens, cost_items=args.cost_items,
+                                  prompt_suffix=args.prompt_suffix)
+    rt = _runtime(args)
+    info = {**rt.info, "probes": str(Path(args.probes).resolve()), "captions": args.captions,
+            "mc_data": args.mc_data, "media_root": args.media_root, "tasks": args.tasks, "limit": args.limit,
+            "mc_limit": args.mc_limit}
+    path = run_mitigation(rt, probes, methods, args.out, settings, mc, run_info=info, resume=not args.no_resume)
+    paths = write_mitigation_report(args.out)
+    summary = summarize_mitigation(args.out)
+    print(f"{path}: {summary['n_records']} items done, {len(summary['skipped'])} skipped")
+    print(mitigation_table_markdown(summary))
+    for name, p in paths.items():
+        print(f"{name}: {p}")
+    return 0
+
+
 #: errors that come from the user's input: printed as one line, exit status 2
 def _user_errors() -> tuple[type[BaseException], ...]:
     from hooked_av.checkpoint import CheckpointError
@@ -279,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
                                    ("max_probes", args.max_probes)) if v is not None}
         return demo_mod.run(out=args.out, seed=args.seed, **knobs)
     commands = {"dominance": cmd_dominance, "trace": cmd_trace, "report": cmd_report, "calibrate": cmd_calibrate,
-                "official-ie": cmd_official_ie, "export-official": cmd_export_official}
+                "official-ie": cmd_official_ie, "export-official": cmd_export_official, "mitigate": cmd_mitigate}
     try:
         return commands[args.command](args)
     except _user_errors() as e:

@@ -12,10 +12,10 @@ state on import).
 from . import hook_names
 from .config import AVModelConfig, SinkConstants, TokenIds
 from .inputs import LayoutError, Modality, ModalityMap
-from .model import AVInputs, GenerateOutput, HookedAVModel
+from .model import AVInputs, DecodeState, GenerateOutput, HookedAVModel
 
 __all__ = [
-    "AVInputs", "AVModelConfig", "GenerateOutput", "HookedAVModel", "LayoutError", "Modality", "ModalityMap",
-    "SinkConstants", "TokenIds", "hook_names",
+    "AVInputs", "AVModelConfig", "DecodeState", "GenerateOutput", "HookedAVModel", "LayoutError", "Modality",
+    "ModalityMap", "SinkConstants", "TokenIds", "hook_names",
 ]
 __version__ = "0.1.0"

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 from transformer_lens import ActivationCache, HookedRootModule
 from transformer_lens.hook_points import HookPoint
@@ -97,6 +97,20 @@ class GenerateOutput:
     prompt_length: int
     #: generated steps of each row up to and including its eos (the rest is padding)
     n_steps: Int[Tensor, " batch"] | None = None
+
+
+@dataclass
+class DecodeState:
+    """A KV-cached decoding in progress (from `HookedAVModel.start_decoding`), advanced by `decode_step`.
+
+    key_valid: real (non-padding) keys over the prompt and the tokens appended so far.
+    next_position: position id the next appended token gets, per row.
+    """
+
+    inputs: AVInputs
+    cache: KVCache
+    key_valid: Bool[Tensor, "batch keys"]
+    next_position: Int[Tensor, " batch"]
 
 
 class HookedAVModel(HookedRootModule):
@@ -242,6 +256,42 @@ class HookedAVModel(HookedRootModule):
         raise ValueError(f"return_type must be 'logits', 'last_logits', 'loss' or 'none', got {return_type!r}")
 
     # ------------------------------------------------------------------ generation
+    def eos_ids(self, eos_token_id: int | Sequence[int] | None = None) -> set[int]:
+        """The stop tokens of a generation: the ids given, else (None or empty) the config's eos."""
+        eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
+        if not eos and self.cfg.token_ids.eos is not None:
+            eos = {self.cfg.token_ids.eos}
+        return eos
+
+    @torch.no_grad()
+    def start_decoding(
+        self, inputs: "AVInputs | Mapping[str, Any]", embeds: Float[Tensor, "batch pos d_model"] | None = None
+    ) -> tuple[Float[Tensor, "batch vocab"], DecodeState]:
+        """Prefill a KV cache with the prompt: the next-token logits at each row's last valid position (the
+        answer position) and the state `decode_step` continues from. `embeds` (from `embed_inputs`) lets several
+        decodings of one prompt share one run of the towers. Hooks attached to the model fire on the prompt."""
+        inputs = self.as_inputs(inputs)
+        cache = KVCache(self.cfg.n_layers)
+        key_valid = inputs.attention_mask.bool()
+        embeds = self.embed_inputs(inputs) if embeds is None else embeds
+        logits = self._decode(inputs, embeds, kv_cache=cache, key_valid=key_valid)
+        last = (torch.arange(key_valid.shape[1], device=key_valid.device) * key_valid).amax(1)
+        rows = torch.arange(logits.shape[0], device=logits.device)
+        return logits[rows, last.to(logits.device)], DecodeState(inputs, cache, key_valid, inputs.next_position)
+
+    @torch.no_grad()
+    def decode_step(self, state: DecodeState, token: Int[Tensor, " batch"]) -> Float[Tensor, "batch vocab"]:
+        """Append one token per row to a decoding started by `start_decoding`; the next-token logits.
+        Hooks attached to the model fire on this one position."""
+        batch = token.shape[0]
+        device = token.device
+        state.key_valid = torch.cat([state.key_valid, torch.ones(batch, 1, dtype=torch.bool, device=device)], dim=1)
+        positions = state.next_position[None, :, None].expand(self._position_rows(state.inputs), batch, 1)
+        logits = self._decode(state.inputs, self.embed(token[:, None]), kv_cache=state.cache,
+                              position_ids=positions, key_valid=state.key_valid)[:, -1]
+        state.next_position = state.next_position + 1
+        return logits
+
     @torch.no_grad()
     def generate(
         self,
@@ -257,18 +307,13 @@ class HookedAVModel(HookedRootModule):
         """Generate with a KV cache; greedy unless `do_sample`. Hooks attached to the model fire at every step
         (the prefill sees the whole prompt, each decoding step one position)."""
         inputs = self._as_inputs(args, kwargs)
-        eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
-        if not eos and self.cfg.token_ids.eos is not None:
-            eos = {self.cfg.token_ids.eos}
+        eos = self.eos_ids(eos_token_id)
         pad = pad_token_id if pad_token_id is not None else (self.cfg.token_ids.pad or 0)
         generator = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
 
-        cache = KVCache(self.cfg.n_layers)
         batch = inputs.input_ids.shape[0]
         device = inputs.input_ids.device
-        key_valid = inputs.attention_mask.bool()
-        logits = self._decode(inputs, self.embed_inputs(inputs), kv_cache=cache, key_valid=key_valid)[:, -1]
-        next_pos = inputs.next_position
+        logits, state = self.start_decoding(inputs)
         finished = torch.zeros(batch, dtype=torch.bool, device=device)
         new_tokens, step_logits = [], []
         n_steps = torch.zeros(batch, dtype=torch.long, device=device)
@@ -286,10 +331,7 @@ class HookedAVModel(HookedRootModule):
                 finished |= torch.isin(token, torch.tensor(sorted(eos), device=device))
             if bool(finished.all()) or step == max_new_tokens - 1:
                 break
-            key_valid = torch.cat([key_valid, torch.ones(batch, 1, dtype=torch.bool, device=device)], dim=1)
-            positions = (next_pos + step)[None, :, None].expand(self._position_rows(inputs), batch, 1)
-            embeds = self.embed(token[:, None])
-            logits = self._decode(inputs, embeds, kv_cache=cache, position_ids=positions, key_valid=key_valid)[:, -1]
+            logits = self.decode_step(state, token)
         new = torch.stack(new_tokens, dim=1)
         return GenerateOutput(
             sequences=torch.cat([inputs.input_ids, new], dim=1),

@@ -5,8 +5,10 @@
 - `sinks`: sink values, per-layer and global sinks, sink-dimension calibration.
 - `roles`: how much later video / audio queries attend each sink (MDS), unimodal vs cross-modal split.
 - `amplify`: attention amplification on chosen keys (PAI-style), as a context manager.
+- `mitigate`: decoding-time hallucination mitigation (amplification, AVCD-style contrastive decoding, the
+  official adaptive two-cache guidance) for teacher-forced scoring and greedy generation.
 """
 
-from . import amplify, patching, roles, scoring, sinks
+from . import amplify, mitigate, patching, roles, scoring, sinks
 
-__all__ = ["amplify", "patching", "roles", "scoring", "sinks"]
+__all__ = ["amplify", "mitigate", "patching", "roles", "scoring", "sinks"]
