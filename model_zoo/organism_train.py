@@ -52,6 +52,20 @@ class Example:
     #: the *_present flag is set
     audio_classes: list[str] = field(default_factory=list)
     video_classes: list[str] = field(default_factory=list)
+    #: per video token (processor order), the class whose picture covers its cell ("" for background); when set,
+    #: it replaces the per-chunk video target: a token is aligned to what it shows, as the paper's object tokens
+    video_token_classes: list[str] = field(default_factory=list)
+    sample_id: str = ""
+
+    def token_classes(self, modality: str, chunks: Sequence[int]) -> list[str]:
+        """The alignment target of each of this modality's tokens, given each token's chunk index."""
+        if modality == "video" and self.video_token_classes:
+            if len(self.video_token_classes) != len(chunks):
+                raise ValueError(f"example {self.sample_id!r}: {len(self.video_token_classes)} video token targets "
+                                 f"for {len(chunks)} video tokens")
+            return list(self.video_token_classes)
+        per_chunk = self.chunk_classes(modality)
+        return [per_chunk[c] if c < len(per_chunk) else "" for c in chunks]
 
     def chunk_classes(self, modality: str) -> list[str]:
         given = self.audio_classes if modality == "audio" else self.video_classes
@@ -69,6 +83,7 @@ class TrainConfig:
     align_lr: float = 3e-3
     align_batch_size: int = 16
     temperature: float = 0.07
+    absent_weight: float = 0.25  # cross-entropy weight of "nothing here" tokens (most video tokens are background)
     steps: int = 600
     lr: float = 1e-3
     batch_size: int = 8
@@ -102,13 +117,13 @@ def class_table(model: Any, tokenizer: Any, examples: Sequence[Example]) -> tupl
     """The alignment's classes (ABSENT first, then every class named by the examples, sorted) and their
     target embeddings [n_classes, d_model]."""
     names = sorted({c for ex in examples for m in ("audio", "video") for c in ex.chunk_classes(m) if c}
-                   | {ex.class_name for ex in examples})
+                   | {c for ex in examples for c in ex.video_token_classes if c} | {ex.class_name for ex in examples})
     texts = [ABSENT_TEXT] + [" " + n for n in names]
     return [""] + names, torch.stack([_text_embedding(model, tokenizer, t) for t in texts])
 
 
 def _alignment_loss(model: Any, batch: Sequence[Example], classes: list[str], table: Tensor,
-                    temperature: float) -> tuple[Tensor, float]:
+                    temperature: float, absent_weight: float = 1.0) -> tuple[Tensor, float]:
     """Cosine-logit cross-entropy of every AV token against the class table, plus a log-RMS match."""
     from model_zoo.qwen2_5_omni_processing import collate
 
@@ -122,13 +137,13 @@ def _alignment_loss(model: Any, batch: Sequence[Example], classes: list[str], ta
             pos = mm.positions(modality, b)
             if not len(pos):
                 continue
-            per_chunk = ex.chunk_classes(modality)
-            chunks = mm.chunk[b, pos].tolist()
-            targets.append(torch.tensor([index[per_chunk[c]] if c < len(per_chunk) else 0 for c in chunks]))
+            targets.append(torch.tensor([index[c] for c in ex.token_classes(modality, mm.chunk[b, pos].tolist())]))
             outs.append(embeds[b, pos.to(embeds.device)])
     out, target = torch.cat(outs), torch.cat(targets).to(embeds.device)
     logits = F.normalize(out, dim=-1) @ F.normalize(table, dim=-1).T / temperature
-    ce = F.cross_entropy(logits, target)
+    weight = torch.ones(len(classes), device=logits.device)
+    weight[0] = absent_weight  # classes[0] is ABSENT
+    ce = F.cross_entropy(logits, target, weight=weight)
     rms = (out.pow(2).mean(-1).sqrt().log() - table[target].pow(2).mean(-1).sqrt().log()).pow(2).mean()
     return ce + rms, float((logits.argmax(-1) == target).float().mean())
 
@@ -254,7 +269,7 @@ def train(model: Any, tokenizer: Any, examples: Sequence[Example], cfg: TrainCon
             batch = rng.sample(list(examples), min(cfg.align_batch_size, len(examples)))
             for g in opt.param_groups:
                 g["lr"] = _cosine_lr(step, cfg.align_steps, cfg.align_lr, cfg.warmup)
-            loss, acc = _alignment_loss(model, batch, classes, table, cfg.temperature)
+            loss, acc = _alignment_loss(model, batch, classes, table, cfg.temperature, cfg.absent_weight)
             params = tower_params
         else:
             stage, opt, params = "task", opt_task, lora_params
@@ -323,13 +338,14 @@ def _prefixes(model: Any, examples: Sequence[Example], keys: Sequence[tuple[int,
 @torch.no_grad()
 def tower_accuracy(model: Any, tokenizer: Any, examples: Sequence[Example], train_examples: Sequence[Example],
                    temperature: float = 0.07, batch_size: int = 16) -> dict[str, float]:
-    """Per-chunk classification accuracy of the towers against the alignment's class table (each chunk's tokens'
-    logits averaged), per modality: how well the clip's content reaches the LM's embedding space."""
+    """How well the clip's content reaches the LM's embedding space, per modality: the share of tokens whose
+    nearest class embedding (cosine) is their alignment target, over tokens that carry a class
+    (`tower_acc_<m>`) and over tokens that carry nothing (`tower_absent_acc_<m>`)."""
     from model_zoo.qwen2_5_omni_processing import collate
 
     classes, table = class_table(model, tokenizer, train_examples)
     index = {c: i for i, c in enumerate(classes)}
-    hits = {"audio": [0, 0], "video": [0, 0]}
+    hits = {(m, absent): [0, 0] for m in ("audio", "video") for absent in (False, True)}
     for s in range(0, len(examples), batch_size):
         batch = examples[s:s + batch_size]
         inputs = model.as_inputs(collate([e.inputs for e in batch], model.cfg.token_ids.pad or 0))
@@ -338,15 +354,17 @@ def tower_accuracy(model: Any, tokenizer: Any, examples: Sequence[Example], trai
         for b, ex in enumerate(batch):
             for modality in ("audio", "video"):
                 pos = mm.positions(modality, b)
-                per_chunk = ex.chunk_classes(modality)
-                chunks = mm.chunk[b, pos]
-                logits = F.normalize(embeds[b, pos], dim=-1) @ F.normalize(table, dim=-1).T / temperature
-                for c, name in enumerate(per_chunk):
-                    sel = chunks == c
-                    if sel.any() and name in index:
-                        hits[modality][0] += int(int(logits[sel].mean(0).argmax()) == index[name])
-                        hits[modality][1] += 1
-    return {f"tower_acc_{m}": h / max(n, 1) for m, (h, n) in hits.items()}
+                targets = ex.token_classes(modality, mm.chunk[b, pos].tolist())
+                pred = (F.normalize(embeds[b, pos], dim=-1) @ F.normalize(table, dim=-1).T).argmax(-1).tolist()
+                for p, t in zip(pred, targets):
+                    if t in index:
+                        h = hits[(modality, t == "")]
+                        h[0] += int(p == index[t])
+                        h[1] += 1
+    out = {}
+    for (m, absent), (h, n) in hits.items():
+        out[f"tower_{'absent_' if absent else ''}acc_{m}"] = h / max(n, 1)
+    return out
 
 
 def _is_trained(name: str) -> bool:

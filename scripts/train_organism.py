@@ -49,6 +49,51 @@ def chunk_classes(truth: dict, n_chunks: int) -> dict[str, list[str]]:
     return {"audio_classes": audio, "video_classes": video}
 
 
+#: a video token is labelled with a glyph's class when the glyph's box covers this share of the token's cell
+MIN_CELL_OVERLAP = 0.3
+
+
+def video_token_classes(truth: dict, grid_thw, merge: int, temporal: int) -> list[str]:
+    """The class each merged video token shows (its cell covered >= MIN_CELL_OVERLAP by a glyph's box in either
+    frame of its temporal patch; the topmost glyph wins), "" for background: per-token alignment targets, in the
+    processor's token order (temporal grid, merged row, merged column)."""
+    t, h, w = (int(v) for v in grid_thw)
+    rows, cols = h // merge, w // merge
+    height, width = truth["video"]["size"]
+    ch, cw = height / rows, width / cols
+    out = []
+    for g in range(t):
+        for r in range(rows):
+            for c in range(cols):
+                cell = (c * cw, r * ch, (c + 1) * cw, (r + 1) * ch)
+                label = ""
+                for glyph in truth["video"]["glyphs"]:  # drawing order: a later glyph is on top
+                    boxes = [glyph["boxes"][f] for f in range(g * temporal, (g + 1) * temporal)
+                             if f < len(glyph["boxes"]) and glyph["boxes"][f]]
+                    if any(_overlap(cell, b) >= MIN_CELL_OVERLAP * cw * ch for b in boxes):
+                        label = glyph["class"]
+                out.append(label)
+    return out
+
+
+def _overlap(a, b) -> float:
+    return max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+
+
+def _merge_and_temporal(model) -> tuple[int, int]:
+    return model.cfg.spatial_merge_size, int(model.vision_encoder.config.temporal_patch_size)
+
+
+def add_token_targets(examples, root: Path, split: str, model) -> None:
+    """Fill `video_token_classes` of examples (from the ground truth's glyph boxes; cheap)."""
+    truth = {t["id"]: t for t in json.loads((root / "avsynth" / f"{split}_truth.json").read_text())}
+    merge, temporal = _merge_and_temporal(model)
+    for ex in examples:
+        if not ex.video_token_classes and "video_grid_thw" in ex.inputs:
+            ex.video_token_classes = video_token_classes(truth[ex.sample_id], ex.inputs["video_grid_thw"][0],
+                                                         merge, temporal)
+
+
 def build_examples(root: Path, split: str, process, tokenizer, model, cache: Path, yes_no: bool):
     from analyses.datasets import load_vggsound_mc, official_prompt
     from hooked_av import corrupt, media
@@ -77,6 +122,7 @@ def build_examples(root: Path, split: str, process, tokenizer, model, cache: Pat
             variants["a"] = process(corrupt.corrupt(raw, "black_frames"), official_prompt(s.choices, 1))
         examples.append(Example(
             inputs=inputs, answer_id=tokenizer.encode(s.label, add_special_tokens=False)[0], kind="mc",
+            sample_id=s.sample_id,
             class_name=s.label_name,
             audio_present=[c in t["sounding_chunks"] for c in range(n_chunks)],
             video_present=[c in t["onscreen_chunks"] for c in range(n_chunks)], variants=variants,
@@ -90,10 +136,11 @@ def build_examples(root: Path, split: str, process, tokenizer, model, cache: Pat
             raw = media.load_av(str(root / p["video"]), audio=str(root / p["audio"]))
             examples.append(Example(
                 inputs=process(raw, p["text"]), answer_id=tokenizer.encode(p["label"], add_special_tokens=False)[0],
-                kind="yesno", class_name=t["label"],
+                kind="yesno", class_name=t["label"], sample_id=p["video_id"],
                 audio_present=[c in t["sounding_chunks"] for c in range(CLIP_SECONDS // 2)],
                 video_present=[c in t["onscreen_chunks"] for c in range(CLIP_SECONDS // 2)],
                 **chunk_classes(t, CLIP_SECONDS // 2)))
+    add_token_targets(examples, root, split, model)
     torch.save(examples, cache)
     return examples
 
