@@ -247,8 +247,7 @@ def train(model: Any, tokenizer: Any, examples: Sequence[Example], cfg: TrainCon
     state_path = out / "state.pt"
     if state_path.exists():
         state = torch.load(state_path, weights_only=False)
-        if state["config"] != asdict(cfg):
-            raise ValueError(f"{state_path}: saved with another configuration; use another --out")
+        _check_resumable(state_path, state["config"], asdict(cfg))
         model.load_state_dict(state["model"], strict=False)
         opt_align.load_state_dict(state["opt_align"])
         if opt_task is not None:
@@ -365,6 +364,22 @@ def tower_accuracy(model: Any, tokenizer: Any, examples: Sequence[Example], trai
     for (m, absent), (h, n) in hits.items():
         out[f"tower_{'absent_' if absent else ''}acc_{m}"] = h / max(n, 1)
     return out
+
+
+#: settings that may change when a run is resumed: more task steps extend it (the cosine schedule is recomputed
+#: over the new total, a warm restart), the log cadence and the thread count do not change what is computed
+EXTENSIBLE = ("steps", "save_every", "log_every", "threads")
+
+
+def _check_resumable(path: Path, saved: dict[str, Any], now: dict[str, Any]) -> None:
+    diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+    fixed = [k for k in diff if k not in EXTENSIBLE]
+    if fixed:
+        detail = ", ".join(f"{k}: saved {saved.get(k)!r}, now {now.get(k)!r}" for k in fixed)
+        raise ValueError(f"{path}: saved with another configuration ({detail}); use another --out")
+    if now["steps"] < saved["steps"]:
+        raise ValueError(f"{path}: saved for {saved['steps']} task steps; a resumed run may extend it, not shorten "
+                         f"it (got steps={now['steps']})")
 
 
 def _is_trained(name: str) -> bool:

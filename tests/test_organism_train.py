@@ -45,9 +45,17 @@ def test_training_runs_resumes_and_writes_deltas(tmp_path):
     model2 = HookedAVModel.from_hf_model(tiny_hf_thinker(seed=0))
     train(model2, TinyTokenizer(), examples(), cfg)
     assert len((tmp_path / "log.jsonl").read_text().splitlines()) == 12
-    with pytest.raises(ValueError, match="another configuration"):
+    with pytest.raises(ValueError, match="another configuration.*align_steps: saved 6, now 7"):
         train(HookedAVModel.from_hf_model(tiny_hf_thinker(seed=0)), TinyTokenizer(), examples(),
-              TrainConfig(out=str(tmp_path), align_steps=7, steps=6, batch_size=2, lora_rank=2))
+              TrainConfig(out=str(tmp_path), align_steps=7, steps=6, batch_size=2, lora_rank=2, lora_from=1))
+    with pytest.raises(ValueError, match="extend it, not shorten"):
+        train(HookedAVModel.from_hf_model(tiny_hf_thinker(seed=0)), TinyTokenizer(), examples(),
+              TrainConfig(**{**vars(cfg), "steps": 3}))
+    # more task steps extend the finished run: only the new steps are logged
+    model3 = HookedAVModel.from_hf_model(tiny_hf_thinker(seed=0))
+    train(model3, TinyTokenizer(), examples(), TrainConfig(**{**vars(cfg), "steps": 9}))
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 16))
 
 
 def test_lora_merge_equals_the_adapted_forward():
