@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -76,12 +76,15 @@ def load_into(
     dtype: torch.dtype,
     device: torch.device | str,
     tied: dict[str, str] | None = None,
+    extra_sources: Sequence[tuple[str | os.PathLike, Callable[[str], Target]]] = (),
 ) -> None:
     """Stream the checkpoint at `path` into `model`, whose parameters may be on the meta device.
 
     `map_key` gives our parameter name for a checkpoint key (None to skip it), or (name, index) when the tensor
     fills `param[index]` of a stacked parameter; such a parameter is complete when its slices cover all of it.
     `tied` maps a parameter to the one it shares storage with when the checkpoint omits it (e.g. a tied lm_head).
+    `extra_sources` are further (directory, map_key) pairs read after `path`; they fill only the (non-stacked)
+    parameters still missing (e.g. encoder weights a family's checkpoint leaves to the encoder's own release).
     """
     params = dict(model.named_parameters(remove_duplicate=False))
     loaded: set[str] = set()
@@ -89,9 +92,15 @@ def load_into(
     stacked: dict[str, torch.Tensor] = {}  # name -> buffer being filled slice by slice
     covered: dict[str, int] = {}  # name -> elements filled so far
     slices: dict[str, set[str]] = {}  # name -> the slices filled so far
-    for key, load in iter_checkpoint_tensors(path):
+
+    def tensors() -> Iterator[tuple[str | os.PathLike, Callable[[str], Target], bool, str, Callable]]:
+        for source, mapper, extra in [(path, map_key, False), *((p, m, True) for p, m in extra_sources)]:
+            for key, load in iter_checkpoint_tensors(source):
+                yield source, mapper, extra, key, load
+
+    for source, mapper, extra, key, load in tensors():
         try:
-            target = map_key(key)
+            target = mapper(key)
         except KeyError as e:
             unexpected.append(f"{key} ({e})")
             continue
@@ -99,7 +108,9 @@ def load_into(
             continue
         name, index = (target, None) if isinstance(target, str) else target
         if name not in params:
-            unexpected.append(key)
+            unexpected.append(key if not extra else f"{source}: {key}")
+            continue
+        if extra and (index is not None or name in loaded):
             continue
         tensor = load()
         if index is None:
