@@ -19,8 +19,8 @@ import torch
 from hooked_av.checkpoint import CheckpointError, load_into, read_config
 from hooked_av.config import SinkConstants
 
-from . import qwen2_5_omni, qwen3_omni
-from .families import DISPLAY_NAMES, describe_class, describe_model_type
+from . import qwen2_5_omni, qwen3_omni, video_salmonn2, video_salmonn_o1
+from .families import DISPLAY_NAMES, describe_class, describe_config
 
 
 def _qwen25_hf_thinker_config(config: dict, path: str | os.PathLike) -> Any:
@@ -55,10 +55,22 @@ class Family:
     #: checkpoint key -> our parameter (or slice of one), given the model's config
     key_mapper: Callable[[Any], Callable[[str], Any]]
     from_hf_model: Callable[..., Any]
+    #: whether a checkpoint's config.json belongs to the family (default: its model_type is in `model_types`)
+    accepts: Callable[[dict], bool] | None = None
+    #: weight loading replacing `load_into` (families whose weights come from several directories);
+    #: called as load_weights(model, checkpoint, dtype=..., device=..., tied=..., **options)
+    load_weights: Callable[..., None] | None = None
+    #: keyword options of `load_pretrained` this family takes (passed to `load_weights`)
+    options: tuple[str, ...] = ()
 
     @property
     def display_name(self) -> str:
         return DISPLAY_NAMES[self.name]
+
+    def accepts_config(self, config: dict) -> bool:
+        if self.accepts is not None:
+            return self.accepts(config)
+        return config.get("model_type") in self.model_types
 
 
 FAMILIES: dict[str, Family] = {
@@ -86,6 +98,8 @@ FAMILIES: dict[str, Family] = {
         key_mapper=qwen3_omni.key_mapper,
         from_hf_model=qwen3_omni.from_hf_model,
     ),
+    video_salmonn2.FAMILY: video_salmonn2.registry_family(Family),
+    video_salmonn_o1.FAMILY: video_salmonn_o1.registry_family(Family),
 }
 
 #: HF `model_type` values per family
@@ -108,11 +122,11 @@ def find_preset(name: str) -> tuple[Family, dict[str, Any]] | None:
 def _family_of(config: dict, path: str | os.PathLike) -> Family:
     model_type = config.get("model_type")
     for fam in FAMILIES.values():
-        if model_type in fam.model_types:
+        if fam.accepts_config(config):
             return fam
     raise CheckpointError(
         f"{path}: model_type {model_type!r} is not a supported family "
-        f"(supported: {', '.join(t for ts in FAMILY_MODEL_TYPES.values() for t in ts)})"
+        f"(supported: {', '.join(t for ts in FAMILY_MODEL_TYPES.values() for t in ts)}): {describe_config(config)}"
     )
 
 
@@ -140,8 +154,12 @@ def load_pretrained(
     dtype: torch.dtype | str | None = None,
     device: torch.device | str = "cpu",
     sinks: SinkConstants | None = None,
+    **options: Any,
 ) -> Any:
-    """Build a HookedAVModel from a preset name plus checkpoint directory, or from a checkpoint directory."""
+    """Build a HookedAVModel from a preset name plus checkpoint directory, or from a checkpoint directory.
+
+    `options` are family-specific loading options (`Family.options`, e.g. video-SALMONN-o1's
+    `vision_checkpoint` / `whisper_checkpoint` for encoder weights kept outside its checkpoint)."""
     from accelerate import init_empty_weights
 
     found = find_preset(name_or_path) if isinstance(name_or_path, str) else None
@@ -159,10 +177,15 @@ def load_pretrained(
             "nothing is downloaded at run time"
         )
     config = read_config(checkpoint)
-    if preset_family is not None and config.get("model_type") not in preset_family.model_types:
+    if preset_family is not None and not preset_family.accepts_config(config):
         raise CheckpointError(f"preset {name_or_path!r} is a {preset_family.display_name} model but {checkpoint} "
-                              f"holds {describe_model_type(config.get('model_type'))}")
+                              f"holds {describe_config(config)}")
     family = _family_of(config, checkpoint)
+    unknown = sorted(set(options) - set(family.options))
+    if unknown:
+        accepted = ", ".join(family.options) or "none"
+        raise TypeError(f"unknown loading option(s) {unknown} for a {family.display_name} checkpoint "
+                        f"(accepted: {accepted})")
     hf_config = family.hf_thinker_config(config, checkpoint)
     torch_dtype = _resolve_dtype(dtype, config)
     stored = config.get("hooked_av", {}).get("sinks")
@@ -182,7 +205,10 @@ def load_pretrained(
     with init_empty_weights(include_buffers=False):
         model = family.build(hf_config, model_name=model_name, sinks=sinks, dtype=torch_dtype)
     tied = {"unembed.weight": "embed.weight"} if model.cfg.tie_word_embeddings else None
-    load_into(model, checkpoint, family.key_mapper(model.cfg), torch_dtype, device, tied=tied)
+    if family.load_weights is not None:
+        family.load_weights(model, checkpoint, dtype=torch_dtype, device=device, tied=tied, **options)
+    else:
+        load_into(model, checkpoint, family.key_mapper(model.cfg), torch_dtype, device, tied=tied)
     model.cfg.device = str(device)
     return model.to(device).eval()
 
