@@ -7,6 +7,7 @@
     hooked-av official-ie --stage2 before_attn_layer0_window50people.json
     hooked-av mitigate  --model DIR --probes qa_final_single_filtered.json --media-root AVHBench --out runs/m \
                         --methods plain,amplify,contrastive,guidance --alphas 0.2,0.5 --betas 1 --strengths 0.5
+    hooked-av compare   --runs qwen7b=runs/x vs2=runs/y --out runs/cmp   (trace runs of the same study, one per model)
 
 Runs append one JSON line per sample and resume where they stopped; settings and seeds are in settings.json.
 """
@@ -121,6 +122,15 @@ def build_parser() -> argparse.ArgumentParser:
     oie.add_argument("--threshold", type=int, default=None)
 
     _mitigate_args(sub.add_parser("mitigate", help="hallucination mitigation methods on AVHBench-format probes"))
+
+    cmp = sub.add_parser("compare", help="the same study across models: one IE table and one figure")
+    cmp.add_argument("--runs", required=True, nargs="+",
+                     help="one trace run folder per model, as LABEL=FOLDER (or FOLDER: its name is the label)")
+    cmp.add_argument("--out", required=True, help="where compare.md / compare.csv / compare.png go")
+    cmp.add_argument("--ci", default="t", choices=("t", "bootstrap"))
+    cmp.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    cmp.add_argument("--allow-mismatch", action="store_true",
+                     help="compare runs whose study settings differ (the differences go in the table header)")
     return parser
 
 
@@ -368,6 +378,23 @@ def cmd_mitigate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .compare import write_comparison
+
+    runs: dict[str, str] = {}
+    for spec in args.runs:
+        label, sep, folder = spec.partition("=")
+        label, folder = (label, folder) if sep else (Path(spec).name, spec)
+        if not label or not folder or label in runs:
+            raise ValueError(f"--runs {spec!r}: give LABEL=FOLDER with a unique, non-empty label")
+        runs[label] = folder
+    paths = write_comparison(runs, args.out, ci_method=args.ci, seed=args.seed, allow_mismatch=args.allow_mismatch)
+    print(paths["table_md"].read_text(encoding="utf-8"))
+    for name, p in paths.items():
+        print(f"{name}: {p}")
+    return 0
+
+
 #: errors that come from the user's input: printed as one line, exit status 2
 def _user_errors() -> tuple[type[BaseException], ...]:
     from hooked_av.checkpoint import CheckpointError
@@ -395,7 +422,8 @@ def main(argv: list[str] | None = None) -> int:
                                    ("max_probes", args.max_probes)) if v is not None}
         return demo_mod.run(out=args.out, seed=args.seed, **knobs)
     commands = {"dominance": cmd_dominance, "trace": cmd_trace, "report": cmd_report, "calibrate": cmd_calibrate,
-                "official-ie": cmd_official_ie, "export-official": cmd_export_official, "mitigate": cmd_mitigate}
+                "official-ie": cmd_official_ie, "export-official": cmd_export_official, "mitigate": cmd_mitigate,
+                "compare": cmd_compare}
     try:
         return commands[args.command](args)
     except _user_errors() as e:
