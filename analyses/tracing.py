@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from hooked_av.recipes import patching, roles, scoring, sinks
+from hooked_av.recipes import fast_patching, patching, roles, scoring, sinks
 
 from .records import RecordStore, write_settings
 from .study import BASE_MODALITY, CORRUPTED_CONDITION, PreparedSample, SampleSource
@@ -68,18 +68,24 @@ def random_subset(base: Sequence[int], size: int, seed: int, sample_id: str, n_d
     return sorted(int(p) for p in rng.choice(np.asarray(base), size=size, replace=False)) if size else []
 
 
-def sample_sinks(model: Any, clean: Any, base: str, n_divs: Sequence[int]) -> SampleSinks:
-    tau = model.cfg.sinks.tau
-    if tau is None or not model.cfg.sinks.dims:
+def _require_sink_constants(model: Any) -> None:
+    if model.cfg.sinks.tau is None or not model.cfg.sinks.dims:
         raise ValueError(f"{model.cfg.model_name} has no sink constants; calibrate them (hooked-av calibrate) "
                          "or load a preset that has them")
-    av = model.as_inputs(clean)
-    mm = av.modality_map
-    is_sink = sinks.layer_sinks(sinks.sink_values(model, av)[:, 0], tau)  # [layer, pos]
+
+
+def sink_statistics(
+    model: Any, clean: Any, base: str, n_divs: Sequence[int], values: torch.Tensor,
+    roles_of: Callable[[list[int]], roles.SinkRoles],
+) -> SampleSinks:
+    """The record's sink statistics from the clean run's sink values [layer, pos] and a source of modality
+    attention scores for chosen sinks (`ModalityAttentionRecorder.roles` on the same pass)."""
+    mm = model.as_inputs(clean).modality_map
+    is_sink = sinks.layer_sinks(values, model.cfg.sinks.tau)  # [layer, pos]
     out = SampleSinks()
     freq = is_sink.sum(0)
     for name in ("video", "audio", "text"):
-        m = mm.mask(name)[0]
+        m = mm.mask(name)[0].to(is_sink.device)
         out.per_layer[name] = (is_sink & m[None]).sum(1).tolist()
         out.frequency[name] = freq[m & (freq > 0)].tolist()
     widest: list[int] = []
@@ -88,18 +94,36 @@ def sample_sinks(model: Any, clean: Any, base: str, n_divs: Sequence[int]) -> Sa
         out.global_base[n] = g.of(base)
         widest = g.video + g.audio  # official history order: video sinks, then audio sinks
     if widest:
-        r = roles.modality_attention(model, av, widest)
+        r = roles_of(widest)
         keep = set(out.global_base[min(n_divs)])
         out.mean_mds = {p: float(v) for p, v in zip(r.positions, r.mean_mds.tolist()) if p in keep}
         out.history = r.history()
     return out
 
 
+def sample_sinks(model: Any, clean: Any, base: str, n_divs: Sequence[int]) -> SampleSinks:
+    """Sink statistics of one clean sample from one sdpa pass (sink values and the roles recorder together)."""
+    _require_sink_constants(model)
+    av = model.as_inputs(clean)
+    values, rec = sinks.SinkRecorder(model), roles.ModalityAttentionRecorder(model, av)
+    with torch.no_grad():
+        model.run_with_hooks(av, return_type="none", fwd_hooks=values.hooks() + rec.hooks())
+    return sink_statistics(model, av, base, n_divs, values.values()[:, 0], rec.roles)
+
+
 def trace_sample(
-    model: Any, sample: PreparedSample, dominant: str, o_clean: str, o_corrupt: str, settings: TraceSettings
+    model: Any, sample: PreparedSample, dominant: str, o_clean: str, o_corrupt: str, settings: TraceSettings,
+    fast: bool | None = None,
 ) -> tuple[dict[str, Any], SampleSinks]:
     """Every subset's restored probabilities and indirect effects for one dominant sample (the record), and the
-    clean run's sink statistics (with the MDS history of the global sinks of the smallest N)."""
+    clean run's sink statistics (with the MDS history of the global sinks of the smallest N).
+
+    One clean pass carries the scoring, the sink values (`hook_sink`), the roles recorder (MDS of sinks chosen
+    after the pass) and, where needed, the capture of the patched site. With `fast` (default: teacher-forced
+    scoring on a model without hooks attached) the corrupted and restored runs reuse that pass and compute only
+    the positions that change (`recipes.fast_patching`); otherwise every restored run is a full decoder pass
+    (`patching.patched_probs`), as the official scoring mode needs. Both give the same numbers to float rounding.
+    """
     sample.check_layouts(model)
     base = BASE_MODALITY[dominant]
     clean = model.as_inputs(sample.inputs["av"])
@@ -109,18 +133,47 @@ def trace_sample(
         if letter not in sample.choices:
             raise ValueError(f"sample {sample.id}: {name} {letter!r} is not one of the choices {list(sample.choices)}")
     letters = dict(sample.choices)  # every letter is scored: the restored run's prediction comes for free
-    runs = {c: scoring.score(model, x, letters, mode=settings.mode, max_new_tokens=settings.max_new_tokens)
-            for c, x in (("clean", clean), ("corrupt", corrupt))}
+    needs_sinks = any(s in settings.subsets for s in SUBSETS_WITH_N)
+    if needs_sinks:
+        _require_sink_constants(model)
+    objects = (sorted(sample.object_positions[base]) if "object" in settings.subsets and sample.object_positions
+               and sample.object_positions.get(base) else [])
+    if fast is None:
+        fast = settings.mode == "teacher_forced" and not any(hp.has_hooks() for hp in model.hook_points())
+    if fast and settings.mode != "teacher_forced":
+        raise ValueError("the fast path scores teacher-forced; the official mode generates (fast=False)")
+    layers = list(settings.layers) if settings.layers is not None else None
+    all_layers = layers if layers is not None else list(range(model.cfg.n_layers))
+
+    # the one clean pass and its recorders
+    sink_rec = sinks.SinkRecorder(model) if needs_sinks else None
+    roles_rec = roles.ModalityAttentionRecorder(model, clean) if needs_sinks else None
+    need_capture = not fast or fast_patching.drop_layer(settings.site, all_layers, model.cfg.n_layers) > 0
+    act_rec = (patching.ActivationRecorder(model, sorted(set(base_positions) | set(objects)), settings.site,  # type: ignore[arg-type]
+                                           layers) if need_capture else None)
+    hooks = [*(sink_rec.hooks() if sink_rec else []), *(roles_rec.hooks() if roles_rec else []),
+             *(act_rec.hooks() if act_rec else [])]
+    if fast:
+        clean_run = fast_patching.clean_pass(model, clean, hooks)
+        corrupt_run = fast_patching.corrupt_pass(model, clean_run, corrupt)
+        runs = {c: {L: scoring.candidate_prob(r.last_logits, a) for L, a in letters.items()}
+                for c, r in (("clean", clean_run), ("corrupt", corrupt_run))}
+    else:
+        with model.hooks(fwd_hooks=hooks):
+            runs = {"clean": scoring.score(model, clean, letters, mode=settings.mode,
+                                           max_new_tokens=settings.max_new_tokens)}
+        runs["corrupt"] = scoring.score(model, corrupt, letters, mode=settings.mode,
+                                        max_new_tokens=settings.max_new_tokens)
     p_clean = {L: float(p[0]) for L, p in runs["clean"].items()}
     p_corrupt = {L: float(p[0]) for L, p in runs["corrupt"].items()}
 
-    needs_sinks = any(s in settings.subsets for s in SUBSETS_WITH_N)
-    st = sample_sinks(model, clean, base, settings.n_divs) if needs_sinks else SampleSinks()
+    st = (sink_statistics(model, clean, base, settings.n_divs, sink_rec.values()[:, 0], roles_rec.roles)
+          if sink_rec and roles_rec else SampleSinks())
     subsets: list[tuple[str, int | None, list[int]]] = []
     if "all" in settings.subsets:
         subsets.append(("all", None, base_positions))
-    if "object" in settings.subsets and sample.object_positions and sample.object_positions.get(base):
-        subsets.append(("object", None, sorted(sample.object_positions[base])))
+    if objects:
+        subsets.append(("object", None, objects))
     for n in settings.n_divs if needs_sinks else ():
         sink_set = st.global_base[n]
         uni, cross = roles.split_sinks(sink_set, [st.mean_mds[p] for p in sink_set], dominant,
@@ -132,12 +185,15 @@ def trace_sample(
                   "cross_modal_sink": sorted(cross), "uni_modal_sink": sorted(uni)}
         subsets += [(name, n, chosen[name]) for name in SUBSETS_WITH_N if name in settings.subsets]
 
-    union = sorted({p for _, _, s in subsets for p in s})
-    layers = list(settings.layers) if settings.layers is not None else None
-    acts = patching.capture(model, clean, union, site=settings.site, layers=layers)  # type: ignore[arg-type]
-    restored = patching.patched_probs(model, acts, corrupt, [s for _, _, s in subsets], letters,
-                                      mode=settings.mode, batch_size=settings.batch_size,
-                                      max_new_tokens=settings.max_new_tokens)
+    positions = [s for _, _, s in subsets]
+    captured = act_rec.activations() if act_rec else None
+    if fast:
+        logits = fast_patching.restored_logits(model, clean_run, corrupt_run, positions, settings.site,  # type: ignore[arg-type]
+                                               layers, captured, settings.batch_size)
+        restored = {L: scoring.candidate_prob(logits, a) for L, a in letters.items()}
+    else:
+        restored = patching.patched_probs(model, captured, corrupt, positions, letters, mode=settings.mode,  # type: ignore[arg-type]
+                                          batch_size=settings.batch_size, max_new_tokens=settings.max_new_tokens)
     cells = []
     for i, (name, n, positions) in enumerate(subsets):
         ie = patching.indirect_effect(p_corrupt[o_clean], float(restored[o_clean][i]),

@@ -74,6 +74,40 @@ def _as_inputs(model: Any, inputs: Any) -> Any:
     return inputs if isinstance(inputs, AVInputs) else model.prepare_inputs(**inputs)
 
 
+class ActivationRecorder:
+    """The hooks of `capture`, for a pass the caller runs anyway (e.g. the clean scoring pass): they keep the site's
+    activations at `positions` of a one-sample prompt. Only the first call per hook is kept (inside `generate`, the
+    prompt). `activations()` returns them as `CleanActivations`."""
+
+    def __init__(self, model: Any, positions: Sequence[int], site: Site = "before_attn",
+                 layers: Sequence[int] | None = None, seq_len: int | None = None):
+        self.site = site
+        self.layers = list(range(model.cfg.n_layers)) if layers is None else list(layers)
+        self.positions = sorted({int(p) for p in positions})
+        self.names = [n for layer in self.layers for n in site_names(site, layer)]
+        self.seq_len = seq_len
+        self._index = torch.tensor(self.positions, dtype=torch.long, device=model.device)
+        self.values: dict[str, Tensor] = {}
+
+    def _keep(self, act: Tensor, hook: Any) -> None:
+        if hook.name in self.values:
+            return
+        if act.shape[0] != 1:
+            raise ValueError(f"capture needs one clean sample, got a batch of {act.shape[0]}")
+        if self.seq_len is None:
+            self.seq_len = act.shape[1]
+        self.values[hook.name] = act[0].index_select(0, self._index.to(act.device)).detach().clone()
+
+    def hooks(self) -> list[tuple[str, Any]]:
+        return [(n, self._keep) for n in self.names]
+
+    def activations(self) -> CleanActivations:
+        missing = [n for n in self.names if n not in self.values]
+        if missing or self.seq_len is None:
+            raise RuntimeError(f"nothing captured at {missing[:3]}: run a pass with the recorder's hooks")
+        return CleanActivations(self.site, self.layers, self.positions, dict(self.values), seq_len=self.seq_len)
+
+
 def capture(
     model: Any, clean_inputs: Any, positions: Sequence[int], site: Site = "before_attn",
     layers: Sequence[int] | None = None,
@@ -82,19 +116,10 @@ def capture(
     av = _as_inputs(model, clean_inputs)
     if av.input_ids.shape[0] != 1:
         raise ValueError(f"capture needs one clean sample, got a batch of {av.input_ids.shape[0]}")
-    layers = list(range(model.cfg.n_layers)) if layers is None else list(layers)
-    positions = sorted({int(p) for p in positions})
-    index = torch.tensor(positions, dtype=torch.long, device=model.device)
-    values: dict[str, Tensor] = {}
-
-    def keep(act: Tensor, hook: Any) -> None:
-        if hook.name not in values:
-            values[hook.name] = act[0].index_select(0, index).detach().clone()
-
-    names = [n for layer in layers for n in site_names(site, layer)]
+    rec = ActivationRecorder(model, positions, site, layers, seq_len=av.input_ids.shape[1])
     with torch.no_grad():
-        model.run_with_hooks(av, return_type="none", fwd_hooks=[(n, keep) for n in names])
-    return CleanActivations(site, layers, positions, values, seq_len=av.input_ids.shape[1])
+        model.run_with_hooks(av, return_type="none", fwd_hooks=rec.hooks())
+    return rec.activations()
 
 
 def restore_hooks(clean: CleanActivations, subsets: Sequence[Sequence[int]]) -> list[tuple[str, Any]]:

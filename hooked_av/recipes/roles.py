@@ -4,7 +4,8 @@ For a sink at position s and layer l, v_l(s) is the mean attention it receives f
 (mean over heads and over video queries q > s) and a_l(s) the same for audio queries (0 when there is no such
 query; text queries are ignored). MDS_l(s) = (v - a) / (v + a + eps) in [-1, 1]: +1 read by video only, -1 by
 audio only. The scores are accumulated while each attention block is computed (`blocks.{l}.attn.hook_pattern`),
-so no attention map is kept: memory is one block of one layer's scores.
+so no attention map is kept: memory is one block of one layer's scores. `ModalityAttentionRecorder` gets the same
+scores from an sdpa pass run for something else (queries, keys and each row's log-sum-exp), for sinks chosen after it.
 
 The split of the sinks of the non-dominant ("base") modality into unimodal and cross-modal ones has two rules:
 - "official" (the official build_layerlist): sort by the layer-mean MDS, descending when audio is dominant
@@ -105,6 +106,146 @@ def modality_attention(
               for m in codes}
     mod_names = [Modality(int(c)).name.lower() for c in mm.modality[batch, s_pos.cpu()].tolist()]
     return SinkRoles(list(map(int, sinks)), mod_names, scores["v"].float().cpu(), scores["a"].float().cpu())
+
+
+def attention_lse(
+    q: Float[Tensor, "batch head q_pos d_head"],
+    k: Float[Tensor, "batch kv_head k_pos d_head"],
+    v: Float[Tensor, "batch kv_head k_pos d_head"],
+    scale: float,
+    key_valid: Tensor | None = None,
+    block_rows: int = 256,
+) -> Float[Tensor, "batch head q_pos"]:
+    """Log-sum-exp over the keys of each query row's scaled scores under the model's causal mask (float32).
+
+    With it, any attention probability is exp(q.k * scale - lse) without the map ever existing. On a CPU with a
+    plain causal mask the fused flash kernel returns it alongside the output (one extra attention call); otherwise
+    it is computed in query blocks of `block_rows` rows (memory O(rows x keys)). `key_valid` [batch, k_pos] marks
+    real keys (None: all); a query with no visible key sees itself, as `AttentionMask` does.
+    """
+    from ..components import AttentionMask, repeat_kv
+
+    n_rep = q.shape[1] // k.shape[1]
+    k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
+    plain = key_valid is None or bool(key_valid.all())
+    flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if plain and flash is not None and q.device.type == "cpu" and q.shape[2] == k.shape[2]:
+        try:
+            return flash(q, k, v, 0.0, True, scale=scale)[1].float()
+        except (RuntimeError, NotImplementedError):  # a dtype or layout the kernel refuses: compute it below
+            pass
+    valid = torch.ones(k.shape[0], k.shape[2], dtype=torch.bool, device=k.device) if key_valid is None else key_valid
+    mask = AttentionMask(valid, n_query=q.shape[2])
+    k_t = k.float().transpose(2, 3)
+    out = []
+    for r0 in range(0, q.shape[2], block_rows):
+        rows = slice(r0, min(q.shape[2], r0 + block_rows))
+        scores = torch.matmul(q[:, :, rows].float(), k_t) * scale
+        scores = scores.masked_fill(~mask.allowed(rows), float("-inf"))
+        out.append(torch.logsumexp(scores, dim=-1))
+    return torch.cat(out, dim=-1)
+
+
+class ModalityAttentionRecorder:
+    """The v / a scores of `modality_attention`, recorded during an sdpa pass the caller runs anyway.
+
+    The hooks keep, per layer, the rotated queries and keys of sample `batch` and the log-sum-exp of every query
+    row (`attention_lse`); `roles(sinks)` then computes exp(q.k * scale - lse) only for the sink columns and only
+    for video and audio queries, in blocks. So the sinks need not be known before the pass (they come from the
+    same pass), no attention map is materialised, and the pass stays sdpa. Memory: one [pos, head, d_head] query
+    tensor per layer (the keys are the pass's own, shared with a KV cache if it keeps one). Only the first call per
+    layer over the whole prompt is recorded (inside `generate`, the prefill).
+    """
+
+    def __init__(self, model: Any, inputs: Any, batch: int = 0, layers: Sequence[int] | None = None):
+        av = model.as_inputs(inputs)
+        self.modality_map = av.modality_map
+        self.batch = batch
+        self.layers = list(range(model.cfg.n_layers)) if layers is None else list(layers)
+        self.seq_len = av.input_ids.shape[1]
+        self.key_valid = av.attention_mask[batch:batch + 1].bool()
+        self.scale = float(model.blocks[0].attn.scale)
+        self.n_rep = model.cfg.n_rep
+        self._v: dict[int, Tensor] = {}
+        self._q: dict[int, Tensor] = {}
+        self.q: dict[int, Tensor] = {}  # layer -> [pos, head, d_head]
+        self.k: dict[int, Tensor] = {}  # layer -> [pos, kv_head, d_head]
+        self.lse: dict[int, Tensor] = {}  # layer -> [head, pos], float32
+
+    def _whole_prompt(self, act: Tensor, layer: int) -> bool:
+        return act.shape[1] == self.seq_len and layer not in self.lse
+
+    def _keep_v(self, v: Tensor, hook: Any) -> None:
+        if self._whole_prompt(v, hook.layer()):
+            self._v[hook.layer()] = v[self.batch:self.batch + 1]
+
+    def _keep_q(self, q: Tensor, hook: Any) -> None:
+        if self._whole_prompt(q, hook.layer()):
+            self._q[hook.layer()] = q[self.batch:self.batch + 1]
+
+    def _on_k(self, k: Tensor, hook: Any) -> None:
+        layer = hook.layer()
+        if not self._whole_prompt(k, layer):
+            return
+        q, v, k = self._q.pop(layer), self._v.pop(layer), k[self.batch:self.batch + 1]
+        with torch.no_grad():
+            lse = attention_lse(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.scale,
+                                self.key_valid.to(q.device))
+        self.q[layer], self.k[layer], self.lse[layer] = q[0].detach(), k[0].detach(), lse[0]
+
+    def hooks(self) -> list[tuple[str, Any]]:
+        out: list[tuple[str, Any]] = []
+        for layer in self.layers:
+            out += [(hook_names.block(layer, "attn.hook_v"), self._keep_v),
+                    (hook_names.block(layer, "attn.hook_rot_q"), self._keep_q),
+                    (hook_names.block(layer, "attn.hook_rot_k"), self._on_k)]
+        return out
+
+    def roles(self, sinks: Sequence[int], query_block: int = 512, sink_block: int = 256) -> SinkRoles:
+        """v and a scores (and MDS) of the given sink positions, as `modality_attention` computes them."""
+        missing = [layer for layer in self.layers if layer not in self.lse]
+        if missing:
+            raise RuntimeError(f"nothing recorded for layers {missing[:5]}: run a pass with the recorder's hooks")
+        mm = self.modality_map
+        mod = mm.modality[self.batch]
+        device = self.q[self.layers[0]].device
+        s_pos = torch.tensor(list(sinks), dtype=torch.long)
+        codes = {"v": int(Modality.VIDEO), "a": int(Modality.AUDIO)}
+        queries = torch.nonzero((mod == codes["v"]) | (mod == codes["a"])).squeeze(-1)  # [n_query]
+        # number of later queries of each modality, per sink (x heads, as the mean runs over heads too)
+        n_heads = self.q[self.layers[0]].shape[1]
+        counts = {}
+        for m, code in codes.items():
+            is_m = (mod == code).long()
+            after = is_m.sum() - is_m.cumsum(0)  # [pos]: queries of modality m strictly after each position
+            counts[m] = (after[s_pos] * n_heads).double()
+        sums = {m: torch.zeros(len(self.layers), len(s_pos), dtype=torch.float64) for m in codes}
+        q_mod = mod[queries].to(device)
+        queries_d = queries.to(device)
+        with torch.no_grad():
+            for li, layer in enumerate(self.layers):
+                q, k, lse = self.q[layer], self.k[layer], self.lse[layer]
+                kv_heads = k.shape[1]
+                for c0 in range(0, len(s_pos), sink_block):
+                    cols = s_pos[c0:c0 + sink_block].to(device)
+                    kc = k[cols].float()  # [n, kv, d]
+                    acc = {m: torch.zeros(len(cols), dtype=torch.float64, device=device) for m in codes}
+                    for r0 in range(0, len(queries), query_block):
+                        rows = queries_d[r0:r0 + query_block]
+                        qr = q[rows].float().view(len(rows), kv_heads, self.n_rep, -1)  # [m, kv, rep, d]
+                        scores = torch.einsum("mgrd,ngd->grmn", qr, kc) * self.scale
+                        lr = lse.view(kv_heads, self.n_rep, -1)[:, :, rows]  # [kv, rep, m]
+                        p = torch.exp(scores - lr[..., None]).sum((0, 1))  # [m, n], summed over heads
+                        later = rows[:, None] > cols[None, :]
+                        for m, code in codes.items():
+                            sel = later & (q_mod[r0:r0 + query_block] == code)[:, None]
+                            acc[m] += (p * sel).sum(0).double()
+                    for m in codes:
+                        sums[m][li, c0:c0 + len(cols)] = acc[m].cpu()
+        scores = {m: torch.where(counts[m] > 0, sums[m] / counts[m].clamp_min(1), torch.zeros_like(sums[m]))
+                  for m in codes}
+        mod_names = [Modality(int(c)).name.lower() for c in mod[s_pos].tolist()]
+        return SinkRoles([int(p) for p in s_pos.tolist()], mod_names, scores["v"].float(), scores["a"].float())
 
 
 def split_sinks(

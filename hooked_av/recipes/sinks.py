@@ -32,28 +32,48 @@ REFERENCE_D_MODEL = 3584
 OFFICIAL_K_DIVIDE = 2
 
 
+class SinkRecorder:
+    """phi per layer (max over the sink dims of |resid_pre / rms|, `blocks.{l}.hook_sink`) collected during a pass
+    the caller runs, so sink statistics come with a pass made for something else (scoring, K/V capture) instead of
+    costing one of their own. Only the first call per layer is kept: inside `generate` that is the prompt.
+
+    Usage: `rec = SinkRecorder(model); with model.hooks(fwd_hooks=rec.hooks()): model(inputs)`; `rec.values()`.
+    """
+
+    def __init__(self, model: Any, layers: Iterable[int] | None = None):
+        if not model.cfg.sinks.dims:
+            raise ValueError(f"{model.cfg.model_name} has no sink dims; calibrate them first (calibrate_sinks) "
+                             "and apply them with model.set_sinks(...)")
+        self.layers = list(range(model.cfg.n_layers)) if layers is None else list(layers)
+        self._store: dict[int, Tensor] = {}
+
+    def _keep(self, values: Tensor, hook: Any) -> None:
+        if hook.layer() not in self._store:  # the prefill only, if run inside generate
+            self._store[hook.layer()] = values.amax(dim=-1).detach()  # [batch, pos]
+
+    def hooks(self) -> list[tuple[str, Any]]:
+        return [(hook_names.sink(layer), self._keep) for layer in self.layers]
+
+    def values(self) -> Float[Tensor, "layer batch pos"]:
+        missing = [layer for layer in self.layers if layer not in self._store]
+        if missing:
+            raise RuntimeError(f"no sink values recorded for layers {missing[:5]}: run a pass with rec.hooks()")
+        return torch.stack([self._store[layer] for layer in self.layers])
+
+
 def sink_values(model: Any, inputs: Any, layers: Iterable[int] | None = None) -> Float[Tensor, "layer batch pos"]:
     """phi = max over the sink dims of the |RMS-normalised| residual at each layer's input, for a batch.
 
     Caches only these numbers (one per token per layer), never the residual stream; attention stays sdpa.
+    To get them from a pass that runs anyway, attach a `SinkRecorder`'s hooks to it instead.
     """
     from ..model import AVInputs
 
-    if not model.cfg.sinks.dims:
-        raise ValueError(f"{model.cfg.model_name} has no sink dims; calibrate them first (calibrate_sinks) "
-                         "and apply them with model.set_sinks(...)")
+    rec = SinkRecorder(model, layers)
     av = inputs if isinstance(inputs, AVInputs) else model.prepare_inputs(**inputs)
-    layers = list(range(model.cfg.n_layers)) if layers is None else list(layers)
-    store: dict[int, Tensor] = {}
-
-    def keep(values: Tensor, hook: Any) -> None:
-        if hook.layer() not in store:  # the prefill only, if run inside generate
-            store[hook.layer()] = values.amax(dim=-1).detach()
-
     with torch.no_grad():
-        model.run_with_hooks(av, return_type="none",
-                             fwd_hooks=[(hook_names.sink(layer), keep) for layer in layers])
-    return torch.stack([store[layer] for layer in layers])
+        model.run_with_hooks(av, return_type="none", fwd_hooks=rec.hooks())
+    return rec.values()
 
 
 def layer_sinks(values: Float[Tensor, "layer ... pos"], tau: float) -> Bool[Tensor, "layer ... pos"]:
