@@ -378,6 +378,9 @@ class TransformerBlock(nn.Module):
             self.hook_deepstack = HookPoint()  # [batch, pos, d_model]
         #: hook_sink is computed only while hooked, unless this is set (tracing libraries that bypass TL hooks)
         self.always_run_sink_hook = False
+        #: run the MLP on chunks of this many positions (None: all at once) while no hook inside it is attached:
+        #: the same values (the MLP is position-wise) with O(rows x d_mlp) memory instead of O(pos x d_mlp)
+        self.mlp_chunk_rows: int | None = None
         self.register_buffer("sink_dims", torch.tensor(cfg.sinks.dims, dtype=torch.long), persistent=False)
         self.hook_resid_pre = HookPoint()  # [batch, pos, d_model]
         self.hook_sink = HookPoint()  # [batch, pos, n_sink_dims]
@@ -394,6 +397,14 @@ class TransformerBlock(nn.Module):
         rms = torch.sqrt(x.pow(2).mean(-1, keepdim=True) + self.cfg.sinks.eps)
         return (x.index_select(-1, self.sink_dims.to(x.device)) / rms).abs()
 
+    def run_mlp(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+        """The MLP, on chunks of `mlp_chunk_rows` positions when set and no hook inside the MLP is attached."""
+        rows = self.mlp_chunk_rows
+        if not rows or x.shape[1] <= rows or any(
+                m.has_hooks() for m in self.mlp.modules() if isinstance(m, HookPoint)):
+            return self.mlp(x)
+        return torch.cat([self.mlp(x[:, i:i + rows]) for i in range(0, x.shape[1], rows)], dim=1)
+
     def forward(
         self,
         resid: Float[Tensor, "batch pos d_model"],
@@ -408,7 +419,7 @@ class TransformerBlock(nn.Module):
             self.hook_sink(self.sink_values(resid))
         attn_out = self.hook_attn_out(self.attn(self.ln1(resid), rotary, mask, kv_cache))
         resid = self.hook_resid_mid(resid + attn_out)
-        mlp_out = self.hook_mlp_out(self.mlp(self.ln2(resid)))
+        mlp_out = self.hook_mlp_out(self.run_mlp(self.ln2(resid)))
         resid = self.hook_resid_post(resid + mlp_out)
         if residual_write is not None:
             if not self.has_deepstack:

@@ -145,12 +145,12 @@ def test_recorders_equal_their_own_passes(smodel):
     av = smodel.prepare_inputs(**build_inputs("av", seed=11))
     mm = av.modality_map
     positions = mm.positions("video")[::5].tolist() + mm.positions("audio")[::7].tolist() + [0, 2]
-    sink_rec, roles_rec = sinks.SinkRecorder(smodel), roles.ModalityAttentionRecorder(smodel, av)
+    sink_rec, roles_rec = sinks.SinkRecorder(smodel), roles.ModalityAttentionRecorder(smodel, av, query_block=17)
     run = fast_patching.clean_pass(smodel, av, sink_rec.hooks() + roles_rec.hooks())
     torch.testing.assert_close(run.last_logits, smodel(av, return_type="last_logits"))
     torch.testing.assert_close(sink_rec.values(), sinks.sink_values(smodel, av))
     streamed = roles.modality_attention(smodel, av, positions)  # eager, in query blocks
-    got = roles_rec.roles(positions, query_block=17, sink_block=6)
+    got = roles_rec.roles(positions)
     torch.testing.assert_close(got.v_score, streamed.v_score, rtol=1e-4, atol=1e-7)
     torch.testing.assert_close(got.a_score, streamed.a_score, rtol=1e-4, atol=1e-7)
     assert got.modality == streamed.modality and got.positions == positions
@@ -215,3 +215,17 @@ def test_qwen3_omni_fast_path_with_qk_norm_moe_and_deepstack():
             torch.testing.assert_close(fast, expected, rtol=0, atol=1e-6)
             torch.testing.assert_close(ie_table(model, corrupt, fast), ie_table(model, corrupt, expected),
                                        rtol=0, atol=1e-5)
+
+
+def test_mlp_in_chunks_gives_the_same_values_and_yields_to_mlp_hooks(smodel):
+    av = smodel.prepare_inputs(**build_inputs("av", seed=2))
+    with torch.no_grad():
+        whole = smodel(av, return_type="last_logits")
+        with fast_patching.mlp_in_chunks(smodel, rows=7):
+            chunked = smodel(av, return_type="last_logits")
+            seen = []
+            with smodel.hooks(fwd_hooks=[(hook_names.block(1, "mlp.hook_post"), lambda t, hook: seen.append(t.shape))]):
+                smodel(av, return_type="none")
+    torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-6)
+    assert seen == [(1, av.input_ids.shape[1], smodel.cfg.d_mlp)]  # a hooked MLP sees the whole sequence
+    assert all(b.mlp_chunk_rows is None for b in smodel.blocks)

@@ -19,7 +19,8 @@ same answer logits (to float rounding) from far less work, by causality:
    the full key range as one causal sdpa call per layer (queries of rows not computed are zero and their outputs
    dropped), so no mask is ever materialised.
 4. At the last layer only the answer position needs a query, attention output and MLP; the other rows need just
-   their keys and values.
+   their keys and values. Every pass runs the MLP on chunks of `MLP_CHUNK_ROWS` positions (its [pos, d_mlp]
+   intermediates are otherwise the largest transient), so memory is the K/V caches plus small blocks.
 
 Cost of a subset: the fraction (T - p0 - |S|) / T of a prefill's linear layers plus one causal attention per
 layer; the clean and corrupted passes are shared by every subset (and every N of the sink subsets). Subsets are
@@ -32,7 +33,8 @@ unpadded sample whose answer position is the last one.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,6 +50,22 @@ from .patching import GPU_BATCH, SITES, CleanActivations, Site
 
 #: sites whose restoration at every layer from some layer on equals substituting S's clean keys and values
 KV_SITES = ("before_attn", "kv")
+#: positions per MLP call in the passes of this module (`TransformerBlock.mlp_chunk_rows`): the MLP's
+#: [pos, d_mlp] intermediates are the largest transient of a pass; in chunks they stay small
+MLP_CHUNK_ROWS = 256
+
+
+@contextlib.contextmanager
+def mlp_in_chunks(model: Any, rows: int | None = MLP_CHUNK_ROWS) -> Iterator[None]:
+    """Inside the block, every decoder block runs its MLP on `rows` positions at a time (same values)."""
+    old = [b.mlp_chunk_rows for b in model.blocks]
+    for b in model.blocks:
+        b.mlp_chunk_rows = rows
+    try:
+        yield
+    finally:
+        for b, o in zip(model.blocks, old):
+            b.mlp_chunk_rows = o
 
 
 @dataclass
@@ -95,7 +113,7 @@ def clean_pass(model: Any, inputs: Any, hooks: Sequence[tuple[str, Any]] = ()) -
     av = model.as_inputs(inputs)
     _check_one_sample(av)
     cache = KVCache(model.cfg.n_layers)
-    with torch.no_grad(), model.hooks(fwd_hooks=list(hooks)):
+    with torch.no_grad(), model.hooks(fwd_hooks=list(hooks)), mlp_in_chunks(model):
         embeds = model.embed_inputs(av)  # (sets the inputs' residual writes where the family has them)
         logits = model._decode(av, embeds, return_type="last_logits", kv_cache=cache)
     return Pass(av, embeds, list(cache.keys), list(cache.values), logits)
@@ -128,7 +146,7 @@ def corrupt_pass(model: Any, clean: Pass, inputs: Any) -> Pass:
     av = model.as_inputs(inputs)
     _check_one_sample(av)
     _same_layout(clean.inputs, av)
-    with torch.no_grad():
+    with torch.no_grad(), mlp_in_chunks(model):
         embeds = model.embed_inputs(av)
         c0 = first_change(clean, embeds, av.residual_writes)
         t = clean.seq_len
@@ -230,7 +248,7 @@ def restored_logits(
             raise ValueError(f"captured activations are of site {captured.site!r}, not {site!r}")
     out = corrupt.last_logits.expand(len(subsets), -1).clone()
     todo = sorted((i for i, p in enumerate(plans) if p is not None), key=lambda i: len(plans[i].late))
-    with torch.no_grad():
+    with torch.no_grad(), mlp_in_chunks(model):
         for start in range(0, len(todo), batch_size):
             chunk = todo[start:start + batch_size]
             logits, _ = _partial_pass(model, corrupt.inputs, corrupt.embeds, corrupt, clean,
@@ -424,7 +442,7 @@ def _partial_pass(
             attn_out = attn_out.clone()
             attn_out[sel] = captured.values[hook_names.block(layer, "hook_attn_out")][src].to(attn_out.dtype)
         resid = x + attn_out
-        mlp_out = block.mlp(block.ln2(resid))
+        mlp_out = block.run_mlp(block.ln2(resid))
         if patch and site == "mlp_out":
             mlp_out = mlp_out.clone()
             mlp_out[sel] = captured.values[hook_names.block(layer, "hook_mlp_out")][src].to(mlp_out.dtype)

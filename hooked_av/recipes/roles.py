@@ -5,7 +5,8 @@ For a sink at position s and layer l, v_l(s) is the mean attention it receives f
 query; text queries are ignored). MDS_l(s) = (v - a) / (v + a + eps) in [-1, 1]: +1 read by video only, -1 by
 audio only. The scores are accumulated while each attention block is computed (`blocks.{l}.attn.hook_pattern`),
 so no attention map is kept: memory is one block of one layer's scores. `ModalityAttentionRecorder` gets the same
-scores from an sdpa pass run for something else (queries, keys and each row's log-sum-exp), for sinks chosen after it.
+scores for every key from an sdpa pass run for something else (probabilities rebuilt block by block from queries,
+keys and each row's log-sum-exp), so the sinks can be chosen after that pass.
 
 The split of the sinks of the non-dominant ("base") modality into unimodal and cross-modal ones has two rules:
 - "official" (the official build_layerlist): sort by the layer-mean MDS, descending when audio is dominant
@@ -147,17 +148,19 @@ def attention_lse(
 
 
 class ModalityAttentionRecorder:
-    """The v / a scores of `modality_attention`, recorded during an sdpa pass the caller runs anyway.
+    """The v / a scores of `modality_attention` for every key position, recorded during an sdpa pass the caller
+    runs anyway (e.g. the clean scoring pass), so that the sinks can be chosen after the pass.
 
-    The hooks keep, per layer, the rotated queries and keys of sample `batch` and the log-sum-exp of every query
-    row (`attention_lse`); `roles(sinks)` then computes exp(q.k * scale - lse) only for the sink columns and only
-    for video and audio queries, in blocks. So the sinks need not be known before the pass (they come from the
-    same pass), no attention map is materialised, and the pass stays sdpa. Memory: one [pos, head, d_head] query
-    tensor per layer (the keys are the pass's own, shared with a KV cache if it keeps one). Only the first call per
-    layer over the whole prompt is recorded (inside `generate`, the prefill).
+    At each layer the hooks take the rotated queries and keys of sample `batch`, get the log-sum-exp of every query
+    row (`attention_lse`: on a CPU the fused kernel returns it with one extra attention call), and accumulate
+    exp(q.k * scale - lse), i.e. the attention probabilities, from video and from audio queries onto every earlier
+    key, in blocks of `query_block` query rows. No attention map is materialised and the pass stays sdpa; what is
+    kept is two sums per layer and position. `roles(sinks)` reads the sinks' columns. Only the first call per layer
+    over the whole prompt is recorded (inside `generate`, the prefill).
     """
 
-    def __init__(self, model: Any, inputs: Any, batch: int = 0, layers: Sequence[int] | None = None):
+    def __init__(self, model: Any, inputs: Any, batch: int = 0, layers: Sequence[int] | None = None,
+                 query_block: int = 128):
         av = model.as_inputs(inputs)
         self.modality_map = av.modality_map
         self.batch = batch
@@ -166,14 +169,16 @@ class ModalityAttentionRecorder:
         self.key_valid = av.attention_mask[batch:batch + 1].bool()
         self.scale = float(model.blocks[0].attn.scale)
         self.n_rep = model.cfg.n_rep
+        self._n_heads = model.cfg.n_heads
+        self.query_block = query_block
+        self._codes = {"v": int(Modality.VIDEO), "a": int(Modality.AUDIO)}
         self._v: dict[int, Tensor] = {}
         self._q: dict[int, Tensor] = {}
-        self.q: dict[int, Tensor] = {}  # layer -> [pos, head, d_head]
-        self.k: dict[int, Tensor] = {}  # layer -> [pos, kv_head, d_head]
-        self.lse: dict[int, Tensor] = {}  # layer -> [head, pos], float32
+        #: layer -> {"v": [pos], "a": [pos]}: summed probabilities (over heads and later queries of the modality)
+        self.sums: dict[int, dict[str, Tensor]] = {}
 
     def _whole_prompt(self, act: Tensor, layer: int) -> bool:
-        return act.shape[1] == self.seq_len and layer not in self.lse
+        return act.shape[1] == self.seq_len and layer not in self.sums
 
     def _keep_v(self, v: Tensor, hook: Any) -> None:
         if self._whole_prompt(v, hook.layer()):
@@ -189,9 +194,31 @@ class ModalityAttentionRecorder:
             return
         q, v, k = self._q.pop(layer), self._v.pop(layer), k[self.batch:self.batch + 1]
         with torch.no_grad():
-            lse = attention_lse(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.scale,
-                                self.key_valid.to(q.device))
-        self.q[layer], self.k[layer], self.lse[layer] = q[0].detach(), k[0].detach(), lse[0]
+            self.sums[layer] = self._accumulate(q[0], k[0], v[0])
+
+    def _accumulate(self, q: Tensor, k: Tensor, v: Tensor) -> dict[str, Tensor]:
+        """q [pos, head, d_head], k and v [pos, kv_head, d_head] -> per modality, [pos] summed probabilities."""
+        valid = self.key_valid.to(q.device)
+        lse = attention_lse(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], self.scale,
+                            valid)[0]  # [head, pos]
+        mod = self.modality_map.modality[self.batch].to(q.device)
+        queries = torch.nonzero((mod == self._codes["v"]) | (mod == self._codes["a"])).squeeze(-1)
+        kv_heads = k.shape[1]
+        keys_t = k.float().permute(1, 2, 0)  # [kv, d_head, pos]
+        lse = lse.view(kv_heads, self.n_rep, -1)
+        sums = {m: torch.zeros(self.seq_len, dtype=torch.float64, device=q.device) for m in self._codes}
+        for r0 in range(0, len(queries), self.query_block):
+            rows = queries[r0:r0 + self.query_block]
+            width = int(rows[-1])  # keys strictly before the last query of the block
+            qr = q[rows].float().view(len(rows), kv_heads, self.n_rep, -1).permute(1, 2, 0, 3)  # [kv, rep, m, d]
+            scores = torch.matmul(qr, keys_t[:, None, :, :width]) * self.scale  # [kv, rep, m, width]
+            p = torch.exp(scores - lse[:, :, rows, None]).sum((0, 1))  # [m, width], summed over heads
+            later = (rows[:, None] > torch.arange(width, device=q.device)[None, :]) & valid[0, None, :width]
+            row_mod = mod[rows]
+            for m, code in self._codes.items():
+                sel = later & (row_mod == code)[:, None]
+                sums[m][:width] += (p * sel).sum(0).double()
+        return {m: s.cpu() for m, s in sums.items()}
 
     def hooks(self) -> list[tuple[str, Any]]:
         out: list[tuple[str, Any]] = []
@@ -201,51 +228,22 @@ class ModalityAttentionRecorder:
                     (hook_names.block(layer, "attn.hook_rot_k"), self._on_k)]
         return out
 
-    def roles(self, sinks: Sequence[int], query_block: int = 512, sink_block: int = 256) -> SinkRoles:
+    def roles(self, sinks: Sequence[int]) -> SinkRoles:
         """v and a scores (and MDS) of the given sink positions, as `modality_attention` computes them."""
-        missing = [layer for layer in self.layers if layer not in self.lse]
+        missing = [layer for layer in self.layers if layer not in self.sums]
         if missing:
             raise RuntimeError(f"nothing recorded for layers {missing[:5]}: run a pass with the recorder's hooks")
-        mm = self.modality_map
-        mod = mm.modality[self.batch]
-        device = self.q[self.layers[0]].device
+        mod = self.modality_map.modality[self.batch]
         s_pos = torch.tensor(list(sinks), dtype=torch.long)
-        codes = {"v": int(Modality.VIDEO), "a": int(Modality.AUDIO)}
-        queries = torch.nonzero((mod == codes["v"]) | (mod == codes["a"])).squeeze(-1)  # [n_query]
-        # number of later queries of each modality, per sink (x heads, as the mean runs over heads too)
-        n_heads = self.q[self.layers[0]].shape[1]
-        counts = {}
-        for m, code in codes.items():
+        scores = {}
+        for m, code in self._codes.items():
             is_m = (mod == code).long()
-            after = is_m.sum() - is_m.cumsum(0)  # [pos]: queries of modality m strictly after each position
-            counts[m] = (after[s_pos] * n_heads).double()
-        sums = {m: torch.zeros(len(self.layers), len(s_pos), dtype=torch.float64) for m in codes}
-        q_mod = mod[queries].to(device)
-        queries_d = queries.to(device)
-        with torch.no_grad():
-            for li, layer in enumerate(self.layers):
-                q, k, lse = self.q[layer], self.k[layer], self.lse[layer]
-                kv_heads = k.shape[1]
-                for c0 in range(0, len(s_pos), sink_block):
-                    cols = s_pos[c0:c0 + sink_block].to(device)
-                    kc = k[cols].float()  # [n, kv, d]
-                    acc = {m: torch.zeros(len(cols), dtype=torch.float64, device=device) for m in codes}
-                    for r0 in range(0, len(queries), query_block):
-                        rows = queries_d[r0:r0 + query_block]
-                        qr = q[rows].float().view(len(rows), kv_heads, self.n_rep, -1)  # [m, kv, rep, d]
-                        scores = torch.einsum("mgrd,ngd->grmn", qr, kc) * self.scale
-                        lr = lse.view(kv_heads, self.n_rep, -1)[:, :, rows]  # [kv, rep, m]
-                        p = torch.exp(scores - lr[..., None]).sum((0, 1))  # [m, n], summed over heads
-                        later = rows[:, None] > cols[None, :]
-                        for m, code in codes.items():
-                            sel = later & (q_mod[r0:r0 + query_block] == code)[:, None]
-                            acc[m] += (p * sel).sum(0).double()
-                    for m in codes:
-                        sums[m][li, c0:c0 + len(cols)] = acc[m].cpu()
-        scores = {m: torch.where(counts[m] > 0, sums[m] / counts[m].clamp_min(1), torch.zeros_like(sums[m]))
-                  for m in codes}
+            after = (is_m.sum() - is_m.cumsum(0))[s_pos].double()  # later queries of modality m per sink
+            total = torch.stack([self.sums[layer][m][s_pos] for layer in self.layers])  # [layer, sink]
+            count = after * self._n_heads
+            scores[m] = torch.where(count > 0, total / count.clamp_min(1), torch.zeros_like(total)).float()
         mod_names = [Modality(int(c)).name.lower() for c in mod[s_pos].tolist()]
-        return SinkRoles([int(p) for p in s_pos.tolist()], mod_names, scores["v"].float(), scores["a"].float())
+        return SinkRoles([int(p) for p in s_pos.tolist()], mod_names, scores["v"], scores["a"])
 
 
 def split_sinks(
