@@ -160,7 +160,7 @@ class ModalityAttentionRecorder:
     """
 
     def __init__(self, model: Any, inputs: Any, batch: int = 0, layers: Sequence[int] | None = None,
-                 query_block: int = 128):
+                 query_block: int = 256):
         av = model.as_inputs(inputs)
         self.modality_map = av.modality_map
         self.batch = batch
@@ -198,27 +198,30 @@ class ModalityAttentionRecorder:
 
     def _accumulate(self, q: Tensor, k: Tensor, v: Tensor) -> dict[str, Tensor]:
         """q [pos, head, d_head], k and v [pos, kv_head, d_head] -> per modality, [pos] summed probabilities."""
-        valid = self.key_valid.to(q.device)
+        valid = self.key_valid.to(q.device)[0]
         lse = attention_lse(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], self.scale,
-                            valid)[0]  # [head, pos]
+                            valid[None])[0]  # [head, pos]
         mod = self.modality_map.modality[self.batch].to(q.device)
-        queries = torch.nonzero((mod == self._codes["v"]) | (mod == self._codes["a"])).squeeze(-1)
         kv_heads = k.shape[1]
         keys_t = k.float().permute(1, 2, 0)  # [kv, d_head, pos]
         lse = lse.view(kv_heads, self.n_rep, -1)
-        sums = {m: torch.zeros(self.seq_len, dtype=torch.float64, device=q.device) for m in self._codes}
-        for r0 in range(0, len(queries), self.query_block):
-            rows = queries[r0:r0 + self.query_block]
-            width = int(rows[-1])  # keys strictly before the last query of the block
-            qr = q[rows].float().view(len(rows), kv_heads, self.n_rep, -1).permute(1, 2, 0, 3)  # [kv, rep, m, d]
-            scores = torch.matmul(qr, keys_t[:, None, :, :width]) * self.scale  # [kv, rep, m, width]
-            p = torch.exp(scores - lse[:, :, rows, None]).sum((0, 1))  # [m, width], summed over heads
-            later = (rows[:, None] > torch.arange(width, device=q.device)[None, :]) & valid[0, None, :width]
-            row_mod = mod[rows]
-            for m, code in self._codes.items():
-                sel = later & (row_mod == code)[:, None]
-                sums[m][:width] += (p * sel).sum(0).double()
-        return {m: s.cpu() for m, s in sums.items()}
+        out = {}
+        for m, code in self._codes.items():
+            total = torch.zeros(self.seq_len, dtype=torch.float64, device=q.device)
+            queries = torch.nonzero(mod == code).squeeze(-1)  # one modality per block: no per-row selection
+            for r0 in range(0, len(queries), self.query_block):
+                rows = queries[r0:r0 + self.query_block]
+                width = int(rows[-1])  # keys strictly before the block's last query
+                if width == 0:
+                    continue
+                qr = q[rows].float().view(len(rows), kv_heads, self.n_rep, -1).permute(1, 2, 0, 3)  # [kv, rep, m, d]
+                p = torch.matmul(qr, keys_t[:, None, :, :width]).mul_(self.scale)  # [kv, rep, m, width]
+                p = p.sub_(lse[:, :, rows, None]).exp_().sum((0, 1))  # probabilities summed over heads: [m, width]
+                hidden = rows[:, None] <= torch.arange(width, device=q.device)[None, :]  # not strictly later
+                p.masked_fill_(hidden | ~valid[None, :width], 0.0)
+                total[:width] += p.sum(0).double()
+            out[m] = total.cpu()
+        return out
 
     def hooks(self) -> list[tuple[str, Any]]:
         out: list[tuple[str, Any]] = []
