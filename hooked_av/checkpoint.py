@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -21,6 +22,15 @@ INDEX_FILE = "model.safetensors.index.json"
 
 class CheckpointError(ValueError):
     """A checkpoint directory that cannot be loaded (missing files, missing or unexpected weights)."""
+
+
+def rename(key: str, rules: Sequence[tuple[str, str]]) -> str | None:
+    """`key` renamed by the first (regex, replacement) rule that matches all of it; None when none does. The one
+    place checkpoint-layout converters turn a parameter name from one naming scheme into another."""
+    for pattern, repl in rules:
+        if re.fullmatch(pattern, key):
+            return re.sub(pattern, repl, key)
+    return None
 
 
 def read_config(path: str | os.PathLike) -> dict:

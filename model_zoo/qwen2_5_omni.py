@@ -17,6 +17,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from hooked_av.checkpoint import rename
 from hooked_av.config import AVModelConfig, SinkConstants, TokenIds
 from hooked_av.inputs import LayoutError, Modality, ModalityMap, ModalityMapBuilder
 from hooked_av.model import AVInputs, HookedAVModel
@@ -460,9 +461,9 @@ def from_hf_key(key: str) -> str | None:
     key = key.removeprefix("thinker.")
     key = re.sub(r"^model\.language_model\.", "model.", key)
     key = re.sub(r"^model\.(audio_tower|visual)\.", r"\1.", key)
-    for pattern, repl in _TEXT_RULES:
-        if re.fullmatch(pattern, key):
-            return re.sub(pattern, repl, key)
+    renamed = rename(key, _TEXT_RULES)
+    if renamed is not None:
+        return renamed
     raise KeyError(f"unrecognised Qwen2.5-Omni checkpoint key {key!r}")
 
 
@@ -479,9 +480,9 @@ def to_hf_key(name: str) -> str:
         (r"audio_encoder\.(.+)", r"audio_tower.\1"),
         (r"vision_encoder\.(.+)", r"visual.\1"),
     ]
-    for pattern, repl in rules:
-        if re.fullmatch(pattern, name):
-            return re.sub(pattern, repl, name)
+    renamed = rename(name, rules)
+    if renamed is not None:
+        return renamed
     raise KeyError(f"no checkpoint name for parameter {name!r}")
 
 

@@ -23,6 +23,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from hooked_av.checkpoint import rename
 from hooked_av.config import AVModelConfig, SinkConstants, TokenIds
 from hooked_av.inputs import LayoutError, Modality, ModalityMap, ModalityMapBuilder
 from hooked_av.model import AVInputs, HookedAVModel
@@ -641,9 +642,9 @@ def key_mapper(cfg: AVModelConfig):
                 return f"blocks.{layer}.mlp.experts.down_proj", (expert,)
             rows = slice(0, d_expert) if which == "gate_proj" else slice(d_expert, 2 * d_expert)
             return f"blocks.{layer}.mlp.experts.gate_up_proj", (expert, rows)
-        for pattern, repl in _RULES:
-            if re.fullmatch(pattern, key):
-                return re.sub(pattern, repl, key)
+        renamed = rename(key, _RULES)
+        if renamed is not None:
+            return renamed
         raise KeyError(f"unrecognised Qwen3-Omni checkpoint key {key!r}")
 
     return map_key
@@ -664,9 +665,9 @@ def to_hf_key(name: str) -> str:
         (r"audio_encoder\.(.+)", r"audio_tower.\1"),
         (r"vision_encoder\.(.+)", r"visual.\1"),
     ]
-    for pattern, repl in rules:
-        if re.fullmatch(pattern, name):
-            return re.sub(pattern, repl, name)
+    renamed = rename(name, rules)
+    if renamed is not None:
+        return renamed
     raise KeyError(f"no checkpoint name for parameter {name!r}")
 
 

@@ -26,6 +26,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
+from hooked_av.checkpoint import rename
+
 #: Whisper encoder frames per second of audio (the public code's 1500 frames / 30 s)
 ENCODER_FRAMES_PER_SECOND = 50
 #: mel frames per encoder frame (the stride-2 second convolution)
@@ -191,9 +193,9 @@ def qformer_key(rest: str) -> str | None:
     entries. Raises KeyError for anything else."""
     if _QFORMER_UNUSED.fullmatch(rest):
         return None
-    for pattern, repl in _QFORMER_RULES:
-        if re.fullmatch(pattern, rest):
-            return "qformer." + re.sub(pattern, repl, rest)
+    renamed = rename(rest, _QFORMER_RULES)
+    if renamed is not None:
+        return "qformer." + renamed
     raise KeyError(f"unrecognised Q-Former key {rest!r}")
 
 
@@ -209,9 +211,9 @@ def qformer_released_key(rest: str) -> str:
         (r"encoder\.layer\.(\d+)\.(intermediate_query|output_query)\.(dense|LayerNorm)\.(weight|bias)",
          r"encoder.layer.\1.\2.\3.\4"),
     ]
-    for pattern, repl in rules:
-        if re.fullmatch(pattern, rest):
-            return re.sub(pattern, repl, rest)
+    renamed = rename(rest, rules)
+    if renamed is not None:
+        return renamed
     raise KeyError(f"no public Q-Former key for {rest!r}")
 
 

@@ -49,6 +49,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from hooked_av.checkpoint import rename
 from hooked_av.config import AVModelConfig, SinkConstants, TokenIds
 from hooked_av.inputs import LayoutError, Modality, ModalityMap, ModalityMapBuilder
 from hooked_av.model import AVInputs, DecodeState, HookedAVModel
@@ -711,17 +712,11 @@ _DECODER_INVERSE = [
 
 def decoder_key(key: str) -> str | None:
     """Our decoder parameter for a Qwen2 LM key (`model.*`, `lm_head.weight`), else None."""
-    for pattern, repl in _DECODER_RULES:
-        if re.fullmatch(pattern, key):
-            return re.sub(pattern, repl, key)
-    return None
+    return rename(key, _DECODER_RULES)
 
 
 def decoder_released_key(name: str) -> str | None:
-    for pattern, repl in _DECODER_INVERSE:
-        if re.fullmatch(pattern, name):
-            return re.sub(pattern, repl, name)
-    return None
+    return rename(name, _DECODER_INVERSE)
 
 
 def from_released_key(key: str) -> str | None:
