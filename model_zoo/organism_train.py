@@ -20,9 +20,11 @@ Only the trained deltas (towers, LoRA factors) are written: `<out>/deltas.safete
 
 from __future__ import annotations
 
+import bisect
 import json
 import math
 import random
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -93,12 +95,22 @@ class TrainConfig:
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
     lora_from: int = 0  # first decoder block with adapters; the blocks below are frozen and run once per item
     p_unimodal: float = 0.3  # probability of training on a unimodal variant when one is usable
+    #: scaffold for the permuted letter lookup (multiple-choice items only; nothing of it is saved in the deltas):
+    #: linear probes on the residual entering block `aux_layer` at each option's name tokens, one telling the
+    #: clip's option from the others and one reading the option's own letter (weight `aux_weight`), and, at the
+    #: answer position of each block in `attn_layers`, the attention mass of its best head on the right option's
+    #: name tokens (weight `attn_weight`)
+    aux_layer: int | None = None
+    aux_weight: float = 0.0
+    attn_layers: tuple[int, ...] = ()
+    attn_weight: float = 0.0
     save_every: int = 25
     log_every: int = 5
     threads: int = 2
 
     def __post_init__(self) -> None:
         self.lora_targets = tuple(self.lora_targets)
+        self.attn_layers = tuple(self.attn_layers)
 
 
 def _cosine_lr(step: int, total: int, base: float, warmup: int) -> float:
@@ -184,6 +196,14 @@ def prefix_states(model: Any, items: Sequence[dict[str, Any]], lora_from: int, b
 def prefix_last_logits(model: Any, prefixes: Sequence[_Prefix], lora_from: int) -> Tensor:
     """Blocks[lora_from:] + final norm + unembedding of each item's last position, from stored prefixes
     (right-padded: under the causal mask no real position sees the padding)."""
+    return prefix_forward(model, prefixes, lora_from)[0]
+
+
+def prefix_forward(model: Any, prefixes: Sequence[_Prefix], lora_from: int, aux_layer: int | None = None,
+                   attn_layers: Sequence[int] = ()) -> tuple[Tensor, dict[str, Any]]:
+    """`prefix_last_logits`, also returning what the lookup scaffold reads: `resid` (the right-padded residual
+    entering block `aux_layer`, [batch, pos, d_model]), `rows` (each item's length) and `qk` ({layer: (rotated
+    query of the last position [batch, head, d_head], rotated keys [batch, pos, kv_head, d_head])})."""
     from hooked_av.components import AttentionMask
 
     n = max(p.resid.shape[0] for p in prefixes)
@@ -199,10 +219,89 @@ def prefix_last_logits(model: Any, prefixes: Sequence[_Prefix], lora_from: int) 
         valid[b, :t] = True
     mask = AttentionMask(valid.long(), n_query=n)
     rotary = model.rotary(position_ids, dtype)
-    for block in model.blocks[lora_from:]:
-        resid = block(resid, rotary, mask, None)
     last = torch.tensor([p.resid.shape[0] - 1 for p in prefixes])
-    return model.unembed(model.ln_final(resid[torch.arange(len(prefixes)), last]))
+    batch = torch.arange(len(prefixes))
+    extra: dict[str, Any] = {"rows": last + 1, "qk": {}}
+    captured: dict[tuple[int, str], Tensor] = {}
+
+    def capture(layer: int, kind: str):
+        def hook(x: Tensor, hook: Any) -> None:
+            captured[(layer, kind)] = x
+        return hook
+
+    fwd_hooks = [(f"blocks.{layer}.attn.hook_rot_{kind}", capture(layer, kind))
+                 for layer in attn_layers for kind in ("q", "k")]
+    with model.hooks(fwd_hooks=fwd_hooks):
+        for i, block in enumerate(model.blocks[lora_from:], start=lora_from):
+            if i == aux_layer:
+                extra["resid"] = resid
+            resid = block(resid, rotary, mask, None)
+    for layer in attn_layers:
+        extra["qk"][layer] = (captured[(layer, "q")][batch, last], captured[(layer, "k")])
+    return model.unembed(model.ln_final(resid[batch, last])), extra
+
+
+#: the multiple-choice option letters, in order
+LETTERS = "ABCDEFGHIJKLMNOPQRST"
+_OPTION = re.compile(r"\n([A-T])\. ([^\n]+)")
+
+
+def option_layout(input_ids: Sequence[int], tokenizer: Any) -> list[tuple[int, int, int]]:
+    """Where the prompt lists its options: (letter index, first, last + 1 token position of the option's name)
+    per option line (a newline, a letter A-T, ". ", the name), in prompt order."""
+    pieces = [tokenizer.decode([int(t)]) for t in input_ids]
+    starts, text = [], ""
+    for piece in pieces:
+        starts.append(len(text))
+        text += piece
+    out = []
+    for m in _OPTION.finditer(text):
+        first = bisect.bisect_right(starts, m.start(2)) - 1
+        end = bisect.bisect_left(starts, m.end(2))
+        out.append((LETTERS.index(m.group(1)), first, end))
+    return out
+
+
+def scaffold_losses(model: Any, extra: dict[str, Any], layouts: Sequence[list[tuple[int, int, int]] | None],
+                    answers: Sequence[int | None], heads: Any) -> tuple[Tensor, Tensor]:
+    """The lookup scaffold's two losses for a batch (zero where no item is multiple choice).
+
+    probe: at each option's last name token of the residual entering `aux_layer`, `heads.match` scores the
+    options (cross-entropy over the options, the clip's option the target) and `heads.letter` reads each
+    option's letter (cross-entropy over the 20 letters).
+    attention: at the answer position of each captured block, -log of the best head's attention mass on the
+    clip's option's name tokens."""
+    zero = model.embed.weight.new_zeros(())
+    probe, attn, n = zero, zero, 0
+    cfg = model.cfg
+    for b, (layout, answer) in enumerate(zip(layouts, answers)):
+        if not layout or answer is None:
+            continue
+        n += 1
+        target = next(k for k, (letter, _, _) in enumerate(layout) if letter == answer)
+        if "resid" in extra:
+            ends = torch.tensor([e - 1 for _, _, e in layout])
+            h = extra["resid"][b, ends].float()
+            probe = probe + F.cross_entropy(heads.match(h).squeeze(-1), torch.tensor(target)) + F.cross_entropy(
+                heads.letter(h), torch.tensor([letter for letter, _, _ in layout]))
+        span = torch.zeros(int(extra["rows"][b]), dtype=torch.bool)
+        span[layout[target][1]:layout[target][2]] = True
+        for q, k in extra["qk"].values():
+            keys = k[b, : len(span)].float()  # [pos, kv_head, d_head]
+            kv_of_head = torch.arange(cfg.n_heads) // cfg.n_rep
+            scores = torch.einsum("hd,phd->hp", q[b].float(), keys[:, kv_of_head]) * cfg.d_head**-0.5
+            log_mass = torch.logsumexp(scores[:, span], -1) - torch.logsumexp(scores, -1)  # [head]
+            attn = attn - log_mass.max() / len(extra["qk"])
+    return probe / max(n, 1), attn / max(n, 1)
+
+
+class ScaffoldHeads(torch.nn.Module):
+    """The lookup scaffold's linear probes (trained alongside the adapters, never saved in the deltas)."""
+
+    def __init__(self, d_model: int, n_letters: int = len(LETTERS)):
+        super().__init__()
+        self.match = torch.nn.Linear(d_model, 1)
+        self.letter = torch.nn.Linear(d_model, n_letters)
 
 
 def trainable_state(model: Any) -> dict[str, Tensor]:
@@ -243,15 +342,27 @@ def train(model: Any, tokenizer: Any, examples: Sequence[Example], cfg: TrainCon
                                layers=range(cfg.lora_from, len(model.blocks)))
     opt_align = torch.optim.AdamW(tower_params, lr=cfg.align_lr, weight_decay=cfg.weight_decay)
     opt_task = torch.optim.AdamW(lora_params, lr=cfg.lr, weight_decay=cfg.weight_decay) if lora_params else None
+    scaffold = cfg.aux_weight > 0 or cfg.attn_weight > 0
+    if scaffold and (cfg.aux_layer is None and cfg.aux_weight > 0 or not cfg.lora_rank):
+        raise ValueError("the lookup scaffold needs adapters (lora_rank > 0) and, for the probes, aux_layer")
+    if scaffold and not all(cfg.lora_from <= x < len(model.blocks)
+                            for x in [*cfg.attn_layers, *([cfg.aux_layer] if cfg.aux_weight > 0 else [])]):
+        raise ValueError(f"aux_layer and attn_layers must lie in [lora_from={cfg.lora_from}, {len(model.blocks)})")
+    heads = ScaffoldHeads(model.cfg.d_model)
+    opt_heads = torch.optim.AdamW(heads.parameters(), lr=cfg.lr)
+    layouts: dict[int, tuple[list[tuple[int, int, int]], int] | None] = {}
     step = 0
     state_path = out / "state.pt"
     if state_path.exists():
         state = torch.load(state_path, weights_only=False)
-        _check_resumable(state_path, state["config"], asdict(cfg))
+        _check_resumable(state_path, state["config"], asdict(cfg), state["step"])
         model.load_state_dict(state["model"], strict=False)
         opt_align.load_state_dict(state["opt_align"])
         if opt_task is not None:
             opt_task.load_state_dict(state["opt_task"])
+        if state.get("heads") is not None:
+            heads.load_state_dict(state["heads"])
+            opt_heads.load_state_dict(state["opt_heads"])
         step, rng = state["step"], state["rng"]
         torch.set_rng_state(state["torch_rng"])
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
@@ -284,19 +395,34 @@ def train(model: Any, tokenizer: Any, examples: Sequence[Example], cfg: TrainCon
             chosen = _prefixes(model, examples, keys, prefixes, cfg.lora_from)
             for g in opt.param_groups:
                 g["lr"] = _cosine_lr(step - cfg.align_steps, cfg.steps, cfg.lr, cfg.warmup)
-            logits = prefix_last_logits(model, chosen, cfg.lora_from)
+            logits, extra = prefix_forward(model, chosen, cfg.lora_from,
+                                           aux_layer=cfg.aux_layer if cfg.aux_weight > 0 else None,
+                                           attn_layers=cfg.attn_layers if cfg.attn_weight > 0 else ())
             target = torch.tensor([examples[i].answer_id for i in idx])
             loss = F.cross_entropy(logits.float(), target)
             acc = float((logits.argmax(-1) == target).float().mean())
+            if scaffold:
+                for i in idx:
+                    if i not in layouts:
+                        layouts[i] = _lookup_target(examples[i], tokenizer)
+                probe, attn = scaffold_losses(model, extra, [layouts[i] and layouts[i][0] for i in idx],
+                                              [layouts[i] and layouts[i][1] for i in idx], heads)
+                parts = {"answer": float(loss.detach()), "probe": float(probe.detach()), "attn": float(attn.detach())}
+                loss = loss + cfg.aux_weight * probe + cfg.attn_weight * attn
         opt.zero_grad(set_to_none=True)
+        opt_heads.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
+        if stage == "task" and scaffold:
+            opt_heads.step()
         step += 1
         bar.update(1)
         if step % cfg.log_every == 0 or step == total:
             rec = {"step": step, "stage": stage, "loss": float(loss.detach()), "acc": acc,
                    "seconds": round(time.perf_counter() - t0, 1)}
+            if stage == "task" and scaffold:
+                rec["parts"] = parts
             for fn, due in ((evaluate_towers, step == cfg.align_steps), (evaluate, step == total)):
                 if fn is not None and due:
                     model.eval()
@@ -309,7 +435,8 @@ def train(model: Any, tokenizer: Any, examples: Sequence[Example], cfg: TrainCon
             torch.save({"config": asdict(cfg), "step": step, "rng": rng, "torch_rng": torch.get_rng_state(),
                         "model": {k: v for k, v in model.state_dict().items() if _is_trained(k)},
                         "opt_align": opt_align.state_dict(),
-                        "opt_task": opt_task.state_dict() if opt_task is not None else None}, tmp)
+                        "opt_task": opt_task.state_dict() if opt_task is not None else None,
+                        "heads": heads.state_dict(), "opt_heads": opt_heads.state_dict()}, tmp)
             tmp.replace(state_path)
     bar.close()
     log.close()
@@ -319,6 +446,18 @@ def train(model: Any, tokenizer: Any, examples: Sequence[Example], cfg: TrainCon
     save_file({k: v.contiguous() for k, v in trainable_state(model).items()}, str(tmp))
     tmp.replace(deltas)
     return deltas
+
+
+def _lookup_target(example: Example, tokenizer: Any) -> tuple[list[tuple[int, int, int]], int] | None:
+    """A multiple-choice item's option layout and answer letter index (None for other items)."""
+    if example.kind != "mc":
+        return None
+    ids = example.inputs["input_ids"].reshape(-1).tolist()
+    letter = tokenizer.decode([example.answer_id]).strip()
+    layout = option_layout(ids, tokenizer)
+    if letter not in LETTERS or sorted(x for x, _, _ in layout) != list(range(len(layout))) or not layout:
+        raise ValueError(f"example {example.sample_id!r}: cannot find its options and answer {letter!r} in the prompt")
+    return layout, LETTERS.index(letter)
 
 
 def _prefixes(model: Any, examples: Sequence[Example], keys: Sequence[tuple[int, str]],
@@ -369,11 +508,15 @@ def tower_accuracy(model: Any, tokenizer: Any, examples: Sequence[Example], trai
 #: settings that may change when a run is resumed: more task steps extend it (the cosine schedule is recomputed
 #: over the new total, a warm restart), the log cadence and the thread count do not change what is computed
 EXTENSIBLE = ("steps", "save_every", "log_every", "threads")
+#: settings of the task stage alone: they may change while a resumed run has not begun that stage
+TASK_STAGE = ("lr", "batch_size", "p_unimodal", "aux_layer", "aux_weight", "attn_layers", "attn_weight")
 
 
-def _check_resumable(path: Path, saved: dict[str, Any], now: dict[str, Any]) -> None:
+def _check_resumable(path: Path, saved: dict[str, Any], now: dict[str, Any], step: int = 0) -> None:
+    """Raise unless a run saved with `saved` at `step` may go on with `now`."""
     diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
-    fixed = [k for k in diff if k not in EXTENSIBLE]
+    free = EXTENSIBLE + (TASK_STAGE if step <= saved.get("align_steps", 0) else ())
+    fixed = [k for k in diff if k not in free]
     if fixed:
         detail = ", ".join(f"{k}: saved {saved.get(k)!r}, now {now.get(k)!r}" for k in fixed)
         raise ValueError(f"{path}: saved with another configuration ({detail}); use another --out")

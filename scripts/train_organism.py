@@ -183,6 +183,12 @@ def main() -> None:
     ap.add_argument("--lora-rank", type=int, default=8)
     ap.add_argument("--lora-from", type=int, default=0, help="first decoder block with adapters")
     ap.add_argument("--align-batch-size", type=int, default=16)
+    ap.add_argument("--aux-layer", type=int, default=None,
+                    help="lookup scaffold: block whose input residual the option probes read")
+    ap.add_argument("--aux-weight", type=float, default=0.0, help="lookup scaffold: weight of the option probes")
+    ap.add_argument("--attn-layers", type=int, nargs="*", default=[],
+                    help="lookup scaffold: blocks whose answer-position attention is pulled to the right option")
+    ap.add_argument("--attn-weight", type=float, default=0.0, help="lookup scaffold: weight of that attention loss")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-install", action="store_true", help="do not copy the result to model_zoo/organism_deltas")
     args = ap.parse_args()
@@ -200,7 +206,8 @@ def main() -> None:
     val_ex = build_examples(data, "val", rt.process, rt.tokenizer, rt.model, out / "val_examples.pt", False)
     cfg = TrainConfig(out=str(out / "train"), seed=args.seed, align_steps=args.align_steps, steps=args.steps,
                       batch_size=args.batch_size, lr=args.lr, lora_rank=args.lora_rank, lora_from=args.lora_from,
-                      align_batch_size=args.align_batch_size)
+                      align_batch_size=args.align_batch_size, aux_layer=args.aux_layer,
+                      aux_weight=args.aux_weight, attn_layers=tuple(args.attn_layers), attn_weight=args.attn_weight)
     deltas = train(rt.model, rt.tokenizer, train_ex, cfg,
                    evaluate_towers=lambda m: tower_accuracy(m, rt.tokenizer, val_ex, train_ex))
     result = {"val": evaluate(rt.model, val_ex), "config": vars(args)}

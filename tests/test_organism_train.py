@@ -8,7 +8,8 @@ from safetensors.torch import load_file
 
 from hooked_av import HookedAVModel
 from model_zoo import lora
-from model_zoo.organism_train import Example, TrainConfig, prefix_last_logits, prefix_states, train
+from model_zoo.organism_train import (Example, ScaffoldHeads, TrainConfig, option_layout, prefix_forward,
+                                      prefix_last_logits, prefix_states, scaffold_losses, trainable_state, train)
 from model_zoo.tiny import TinyTokenizer, build_inputs, tiny_hf_thinker
 
 
@@ -95,3 +96,75 @@ def test_trainer_rejects_a_bad_lora_from(tmp_path):
     model = HookedAVModel.from_hf_model(tiny_hf_thinker(seed=0))
     with pytest.raises(ValueError, match="lora_from"):
         train(model, TinyTokenizer(), examples(), TrainConfig(out=str(tmp_path), lora_from=99))
+
+
+def mc_examples(n=4):
+    """Tiny items whose prompt lists three options in a per-item order, the answer being a letter."""
+    tok = TinyTokenizer()
+    out = []
+    for seed in range(n):
+        base = build_inputs("av", seed=seed)
+        names = ["dog", "cat", "cow"]
+        names = names[seed % 3:] + names[: seed % 3]
+        prompt = "\n" + "\n".join(f"{l}. {name}" for l, name in zip("ABC", names)) + "\nRespond ONLY with a letter."
+        ids = torch.cat([base["input_ids"], torch.tensor([tok.encode(prompt)])], 1)
+        inputs = dict(base, input_ids=ids, attention_mask=torch.ones_like(ids))
+        out.append(Example(inputs=inputs, answer_id=ord("ABC"[names.index("cat")]), kind="mc", class_name="cat",
+                           audio_present=[True] * 4, video_present=[True] * 4, sample_id=f"s{seed}"))
+    return out
+
+
+def test_option_layout_finds_each_option_name():
+    tok = TinyTokenizer()
+    ex = mc_examples(2)[1]
+    ids = ex.inputs["input_ids"][0].tolist()
+    layout = option_layout(ids, tok)
+    assert [x[0] for x in layout] == [0, 1, 2]
+    assert [tok.decode(ids[a:b]) for _, a, b in layout] == ["cat", "cow", "dog"]
+
+
+def test_scaffold_attention_mass_is_the_models_attention():
+    """The scaffold's attention term is -log of the best head's mass on the right option, as the model's own
+    (eager) pattern at the answer position gives it."""
+    model = HookedAVModel.from_hf_model(tiny_hf_thinker(seed=0)).eval()
+    tok = TinyTokenizer()
+    ex = mc_examples(1)[0]
+    layout = option_layout(ex.inputs["input_ids"][0].tolist(), tok)
+    answer = "ABC".index(chr(ex.answer_id))
+    with torch.no_grad():
+        states = prefix_states(model, [ex.inputs], 1, store_dtype=torch.float32)
+        logits, extra = prefix_forward(model, states, 1, aux_layer=1, attn_layers=(1,))
+        _, attn = scaffold_losses(model, extra, [layout], [answer], ScaffoldHeads(model.cfg.d_model))
+        _, cache = model.run_with_cache(**ex.inputs, names_filter="blocks.1.attn.hook_pattern")
+    first, end = next((a, b) for letter, a, b in layout if letter == answer)
+    mass = cache["blocks.1.attn.hook_pattern"][0, :, -1, first:end].sum(-1)
+    torch.testing.assert_close(attn, -mass.max().log(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(logits[0], model(**ex.inputs, return_type="last_logits")[0], rtol=1e-5, atol=1e-5)
+
+
+def test_training_with_the_lookup_scaffold(tmp_path):
+    """The scaffold's terms are logged and trained, nothing of it reaches the deltas, and a run whose task stage
+    has not begun may switch it on when resumed (settings of the alignment stage may not change)."""
+    model = HookedAVModel.from_hf_model(tiny_hf_thinker(seed=0))
+    base = dict(out=str(tmp_path), align_steps=3, steps=0, batch_size=2, lora_rank=2, log_every=1, warmup=1,
+                lora_from=0)
+    train(model, TinyTokenizer(), mc_examples(), TrainConfig(**base))
+    cfg = TrainConfig(**{**base, "steps": 4, "aux_layer": 1, "aux_weight": 1.0, "attn_layers": (1,),
+                         "attn_weight": 1.0})
+    model2 = HookedAVModel.from_hf_model(tiny_hf_thinker(seed=0))
+    deltas = train(model2, TinyTokenizer(), mc_examples(), cfg)
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    task = [r for r in log if r["stage"] == "task"]
+    assert [r["step"] for r in task] == [4, 5, 6, 7]
+    assert all(r["parts"]["probe"] > 0 and r["parts"]["attn"] > 0 for r in task)
+    state = torch.load(tmp_path / "state.pt", weights_only=False)
+    assert state["heads"] and set(load_file(str(deltas))) == set(trainable_state(model2))
+    with pytest.raises(ValueError, match="attn_weight: saved 1.0, now 2.0"):
+        train(HookedAVModel.from_hf_model(tiny_hf_thinker(seed=0)), TinyTokenizer(), mc_examples(),
+              TrainConfig(**{**vars(cfg), "attn_weight": 2.0}))
+
+
+def test_scaffold_rejects_layers_below_the_adapters(tmp_path):
+    with pytest.raises(ValueError, match="attn_layers must lie in"):
+        train(HookedAVModel.from_hf_model(tiny_hf_thinker(seed=0)), TinyTokenizer(), mc_examples(),
+              TrainConfig(out=str(tmp_path), lora_from=1, attn_layers=(0,), attn_weight=1.0))
