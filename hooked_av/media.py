@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -363,9 +363,13 @@ def _read_all_frames_pyav(p: Path) -> tuple[UInt8[np.ndarray, "time height width
     return np.stack(frames), float(rate) if rate else DEFAULT_FPS
 
 
-def _sample_video_file(p: Path, fps: float, min_frames: int, max_frames: int,
+#: A frame-sampling rule: (frames in the source, its average frame rate) -> indices of the frames to read.
+FrameSampler = Callable[[int, float], Sequence[int]]
+
+
+def _sample_video_file(p: Path, choose: FrameSampler,
                        ) -> tuple[UInt8[np.ndarray, "time height width 3"], list[int], int, float]:
-    """Decode the frames qwen-omni-utils would sample (decord, or PyAV when decord is not installed)."""
+    """Decode the frames `choose(total, video_fps)` picks (decord, or PyAV when decord is not installed)."""
     _probe_video_stream(p)
     try:
         import decord
@@ -377,8 +381,7 @@ def _sample_video_file(p: Path, fps: float, min_frames: int, max_frames: int,
             total, video_fps = len(reader), float(reader.get_avg_fps())
         except Exception as err:
             raise _unreadable(p, err) from None
-        n = _nframes_or_error(p, total, video_fps, fps, min_frames, max_frames)
-        idx = sample_indices(total, n)
+        idx = _checked_indices(p, choose, total, video_fps)
         try:
             batch = reader.get_batch(idx)
         except Exception as err:
@@ -387,9 +390,27 @@ def _sample_video_file(p: Path, fps: float, min_frames: int, max_frames: int,
         return np.ascontiguousarray(frames, dtype=np.uint8), idx, total, video_fps
     all_frames, video_fps = _read_all_frames_pyav(p)
     total = len(all_frames)
-    n = _nframes_or_error(p, total, video_fps, fps, min_frames, max_frames)
-    idx = sample_indices(total, n)
+    idx = _checked_indices(p, choose, total, video_fps)
     return all_frames[idx], idx, total, video_fps
+
+
+def _checked_indices(p: Path, choose: FrameSampler, total: int, video_fps: float) -> list[int]:
+    idx = [int(i) for i in choose(total, video_fps)]
+    if not idx:
+        raise MediaError(f"{p}: {total} frame(s) in the video; the frame sampling rule picks none")
+    bad = [i for i in idx if not 0 <= i < total]
+    if bad:
+        raise MediaError(f"{p}: frame indices {bad[:4]} are outside the video's {total} frames")
+    return idx
+
+
+def _qwen_omni_utils_sampler(p: Path, fps: float, min_frames: int, max_frames: int) -> FrameSampler:
+    """qwen-omni-utils' rule (`smart_nframes` frames at `sample_indices`), with its errors naming `p`."""
+
+    def choose(total: int, video_fps: float) -> list[int]:
+        return sample_indices(total, _nframes_or_error(p, total, video_fps, fps, min_frames, max_frames))
+
+    return choose
 
 
 def _nframes_or_error(p: Path, total: int, video_fps: float, fps: float, min_frames: int, max_frames: int) -> int:
@@ -426,7 +447,7 @@ def _read_image_rgb(p: Path) -> Any:
     return image.convert("RGB")
 
 
-def _read_frame_list(paths: Sequence[str | os.PathLike[str]], resize: FrameResize | None,
+def _read_frame_list(paths: Sequence[str | os.PathLike[str]], resize: FrameResize | None, pad: bool = True,
                      ) -> UInt8[np.ndarray, "time height width 3"]:
     from PIL import Image
 
@@ -447,8 +468,8 @@ def _read_frame_list(paths: Sequence[str | os.PathLike[str]], resize: FrameResiz
             raise MediaError(f"{p}: frame size {img.shape[1]}x{img.shape[0]} differs from {first_path} "
                              f"({first.shape[1]}x{first.shape[0]}); pass resize= or resize the frames")
     frames = [img for _, img in images]
-    pad = -len(frames) % FRAME_FACTOR
-    frames += [frames[-1]] * pad
+    if pad:
+        frames += [frames[-1]] * (-len(frames) % FRAME_FACTOR)
     return np.stack(frames)
 
 
@@ -458,24 +479,36 @@ def load_video_frames(
     min_frames: int = FPS_MIN_FRAMES,
     max_frames: int = FPS_MAX_FRAMES,
     resize: FrameResize | None = None,
+    frame_sampler: FrameSampler | None = None,
 ) -> VideoFrames:
     """Frames of a video file sampled at `fps`, or the images of a frame list, as uint8 [T, H, W, 3].
 
     Video files: `smart_nframes` frames at `linspace(0, n - 1, nframes).round()` (qwen-omni-utils); the returned
     `fps` is the effective `nframes / n * video_fps`. Frame lists: images in order, padded to an even count by
     repeating the last one; `fps` is taken as given. `resize` applies qwen-omni-utils' pre-processor resize
-    (None keeps the native size). Raises MediaError naming the file and the problem.
+    (None keeps the native size). `frame_sampler(total, video_fps)` replaces qwen-omni-utils' rule by another
+    model family's (the indices of the frames to keep; `fps`, `min_frames` and `max_frames` are then unused): a
+    frame list counts as a video of its images at `fps`, without the even padding, and the returned `fps` is again
+    `kept / total * video_fps`, so `len(frames) / fps` is the source's duration. Raises MediaError naming the file
+    and the problem.
     """
     if isinstance(path_or_frame_list, (str, os.PathLike)):
         p = _existing_file(path_or_frame_list)
-        frames, idx, total, video_fps = _sample_video_file(p, fps, min_frames, max_frames)
+        choose = frame_sampler or _qwen_omni_utils_sampler(p, fps, min_frames, max_frames)
+        frames, idx, total, video_fps = _sample_video_file(p, choose)
         if resize is not None:
             frames = _resize_frames(frames, resize.target_size(frames.shape[1], frames.shape[2], len(frames)))
         sample_fps = len(idx) / max(total, 1) * video_fps
         return VideoFrames(frames, sample_fps, str(p), tuple(idx), video_fps, total)
     paths = list(path_or_frame_list)
-    frames = _read_frame_list(paths, resize)
-    return VideoFrames(frames, float(fps), str(paths[0]), None, None, len(paths))
+    if not paths:
+        raise MediaError("empty frame list")
+    frames = _read_frame_list(paths, resize, pad=frame_sampler is None)
+    if frame_sampler is None:
+        return VideoFrames(frames, float(fps), str(paths[0]), None, None, len(paths))
+    idx = _checked_indices(Path(paths[0]), frame_sampler, len(frames), float(fps))
+    return VideoFrames(frames[idx], len(idx) / len(frames) * float(fps), str(paths[0]), tuple(idx), float(fps),
+                       len(paths))
 
 
 def load_av(
@@ -484,12 +517,14 @@ def load_av(
     fps: float = DEFAULT_FPS,
     sample_rate: int = DEFAULT_SAMPLE_RATE,
     resize: FrameResize | None = None,
+    frame_sampler: FrameSampler | None = None,
 ) -> RawAV:
     """A RawAV from a video (file or frame list) and its audio: `audio` if given, else the video file's own track.
 
-    A frame list has no audio track, so it needs `audio`. Raises MediaError (e.g. "<path>: no audio stream").
+    A frame list has no audio track, so it needs `audio`. `frame_sampler`: another family's frame-sampling rule
+    (see `load_video_frames`). Raises MediaError (e.g. "<path>: no audio stream").
     """
-    frames = load_video_frames(video, fps=fps, resize=resize)
+    frames = load_video_frames(video, fps=fps, resize=resize, frame_sampler=frame_sampler)
     if audio is None:
         if not isinstance(video, (str, os.PathLike)):
             raise MediaError(f"{frames.source}: a frame list has no audio track; pass audio=")

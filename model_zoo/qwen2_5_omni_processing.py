@@ -36,6 +36,8 @@ from jaxtyping import Float32, UInt8
 from hooked_av.config import TokenIds
 from hooked_av.media import RawAV
 
+from .vision_processing import normalized_frames, patchify_video
+
 #: Whisper front end of the Omni checkpoints' preprocessor_config.json.
 SAMPLING_RATE = 16000
 N_MELS = 128
@@ -163,30 +165,6 @@ def audio_in_video_ids(
     return ids
 
 
-def patchify_video(
-    video: Float32[np.ndarray, "time channel height width"],
-    patch_size: int = PATCH_SIZE,
-    merge_size: int = MERGE_SIZE,
-    temporal_patch_size: int = TEMPORAL_PATCH_SIZE,
-) -> tuple[Float32[np.ndarray, "patches patch_dim"], tuple[int, int, int]]:
-    """Rows of C·T·P·P pixels and the (t, h, w) grid, as `Qwen2VLVideoProcessor.patchify` lays them out.
-
-    Frames are first padded to a multiple of `temporal_patch_size` by repeating the last one. Rows are ordered
-    (t-block, h-block, w-block, merge-row, merge-col); within a row (channel, temporal, patch-row, patch-col).
-    """
-    n, channels, height, width = video.shape
-    if pad := -n % temporal_patch_size:
-        video = np.concatenate([video, np.repeat(video[-1:], pad, axis=0)])
-        n += pad
-    grid_t, grid_h, grid_w = n // temporal_patch_size, height // patch_size, width // patch_size
-    patches = video.reshape(grid_t, temporal_patch_size, channels, grid_h // merge_size, merge_size, patch_size,
-                            grid_w // merge_size, merge_size, patch_size)
-    # (t, tp, c, hb, mh, ph, wb, mw, pw) -> (t, hb, wb, mh, mw, c, tp, ph, pw)
-    patches = patches.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)
-    rows = patches.reshape(grid_t * grid_h * grid_w, channels * temporal_patch_size * patch_size * patch_size)
-    return np.ascontiguousarray(rows, dtype=np.float32), (grid_t, grid_h, grid_w)
-
-
 # ---------------------------------------------------------------------------------------------------- processor
 TextInput = str | Sequence[int]
 ImageInput = Any  # PIL image or uint8 [H, W, 3] array
@@ -276,21 +254,12 @@ class Qwen25OmniMediaProcessor:
                           ) -> Float32[np.ndarray, "time 3 h2 w2"]:
         """Per frame: convert, smart_resize to the video pixel bounds, rescale, CLIP-normalise (channels first).
 
-        Runs `Qwen2VLImageProcessorPil`'s own steps, in the order of its `_preprocess`, up to the patchify.
+        Runs `Qwen2VLImageProcessorPil`'s own steps, in the order of its `_preprocess`, up to the patchify
+        (`model_zoo.vision_processing.normalized_frames`).
         """
-        from transformers.image_utils import ChannelDimension, SizeDict
-
-        proc, s = self.video_frame_processor, self.settings
-        size = SizeDict(shortest_edge=s.video_min_pixels, longest_edge=self._frame_max_pixels(len(frames)))
-        out = []
-        for frame in frames:
-            image = proc.process_image(frame, do_convert_rgb=proc.do_convert_rgb,
-                                       input_data_format=ChannelDimension.LAST)
-            image = proc.resize(image, size=size, resample=proc.resample, factor=s.resize_factor)
-            image = proc.rescale(image, proc.rescale_factor)
-            image = proc.normalize(image, proc.image_mean, proc.image_std)
-            out.append(np.asarray(image, dtype=np.float32))
-        return np.stack(out)
+        s = self.settings
+        return normalized_frames(self.video_frame_processor, frames, s.video_min_pixels,
+                                 self._frame_max_pixels(len(frames)), s.resize_factor)
 
     def video_pixels(self, frames: UInt8[np.ndarray, "time height width 3"], fps: float,
                      ) -> dict[str, torch.Tensor]:

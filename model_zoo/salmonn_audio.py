@@ -172,6 +172,40 @@ class WindowQFormerAudio(nn.Module):
         return out.reshape(n_seg, -1, out.shape[-1])
 
 
+# ---------------------------------------------------------------------------------------------------- front end
+#: Whisper front end of both public codes (openai/whisper-large-v3's preprocessor_config.json, and video-SALMONN
+#: 2+'s DataArguments: feature_size 128, sampling_rate 16000, hop_length 160, chunk_length 30; n_fft 400)
+SAMPLING_RATE = 16000
+HOP_LENGTH = 160
+N_FFT = 400
+
+
+def whisper_feature_extractor(n_mels: int, segment_seconds: float, sampling_rate: int = SAMPLING_RATE,
+                              hop_length: int = HOP_LENGTH, n_fft: int = N_FFT) -> Any:
+    """transformers' `WhisperFeatureExtractor` for segments of `segment_seconds` (30 for the releases; the
+    encoder's 2 x max_source_positions mel frames), built from explicit values (nothing is read from the Hub)."""
+    from transformers import WhisperFeatureExtractor
+
+    chunk = round(segment_seconds)
+    if abs(chunk - segment_seconds) > 1e-9 or chunk < 1:
+        raise ValueError(f"segments of {segment_seconds} s: the feature extractor pads to whole seconds")
+    return WhisperFeatureExtractor(feature_size=n_mels, sampling_rate=sampling_rate, hop_length=hop_length,
+                                   chunk_length=chunk, n_fft=n_fft, padding_value=0.0)
+
+
+def whisper_segments(feature_extractor: Any, waveform: Any, sampling_rate: int,
+                     ) -> Float[Tensor, "n_seg n_mel frames"]:
+    """Log-mel features of a waveform cut into segments of the extractor's `chunk_length`, each segment through
+    the extractor on its own (so each is padded to a full segment, as in both public codes:
+    `[processor(a, sampling_rate=sr, return_tensors="pt")["input_features"].squeeze() for a in audio_lst]`)."""
+    segment = int(feature_extractor.n_samples)
+    pieces = [waveform[k: k + segment] for k in range(0, len(waveform), segment)]
+    if not pieces:
+        raise ValueError("an empty waveform has no audio segments")
+    return torch.stack([feature_extractor(piece, sampling_rate=sampling_rate, return_tensors="pt")["input_features"][0]
+                        for piece in pieces])
+
+
 # ---------------------------------------------------------------------------------------------------- weight names
 _QFORMER_RULES = [
     (r"embeddings\.LayerNorm\.(weight|bias)", r"layernorm.\1"),
