@@ -1,9 +1,9 @@
 """`make demo`: the whole study on the embedded organism, offline, on CPU.
 
 With the organism assembled in `.assets/organism` (the set-up does it), the demo generates a held-out avsynth test
-split, runs the dominance filter, sinks and roles, the IE table for every subset and N, and amplification of
-cross-modal sinks on the yes/no probes, then writes `<out>/report.md`, the plots and `<out>/summary.json`
-(`analyses.pipeline`). Without the organism (no assets), it falls back to the machinery check on a tiny *random*
+split, runs the dominance filter, sinks and roles, the IE table for every subset and N, and every hallucination
+mitigation method on the yes/no probes and captions of the clips where audio and video disagree, then writes
+`<out>/report.md`, the plots, `<out>/mitigation/` and `<out>/summary.json` (`analyses.pipeline`). Without the organism (no assets), it falls back to the machinery check on a tiny *random*
 Qwen2.5-Omni thinker (`run_tiny`) and says so.
 """
 
@@ -26,20 +26,25 @@ NOTICE = ("NOTE: without the organism this demo runs a tiny RANDOM Qwen2.5-Omni 
 ROOT = Path(__file__).resolve().parents[1]
 ORGANISM_DIR = ROOT / ".assets" / "organism"
 #: held-out clips of the demo (generated with another seed than the training clips) and the time budget knobs
-DEMO_CLIPS, DEMO_SECONDS, MAX_TRACED_PER_GROUP, MAX_PROBES = 150, 6, 15, 60
+DEMO_CLIPS, DEMO_SECONDS, MAX_TRACED_PER_GROUP = 150, 6, 15
+#: the mitigation stage: yes/no questions and captions of the clips where audio and video disagree, caption length
+MAX_MITIGATION_PROBES, MAX_MITIGATION_CAPTIONS, CAPTION_TOKENS = 24, 3, 12
 CALIBRATION_CLIPS = 8
 
 
 def run(out: str = "runs/demo", seed: int = 0, n_clips: int = DEMO_CLIPS,
-        max_traced: int = MAX_TRACED_PER_GROUP, max_probes: int = MAX_PROBES) -> int:
+        max_traced: int = MAX_TRACED_PER_GROUP, max_mitigation_probes: int = MAX_MITIGATION_PROBES,
+        max_mitigation_captions: int = MAX_MITIGATION_CAPTIONS, caption_tokens: int = CAPTION_TOKENS) -> int:
     if not (ORGANISM_DIR / "config.json").exists():
         print(f"NOTE: no organism in {ORGANISM_DIR} (run `.venv/bin/python scripts/build_organism.py`); "
               "running the tiny random model instead.\n")
         return run_tiny(out, seed)
-    return run_organism(out, seed, n_clips, max_traced, max_probes)
+    return run_organism(out, seed, n_clips, max_traced, max_mitigation_probes, max_mitigation_captions,
+                        caption_tokens)
 
 
-def run_organism(out: str, seed: int, n_clips: int, max_traced: int, max_probes: int) -> int:
+def run_organism(out: str, seed: int, n_clips: int, max_traced: int, max_mitigation_probes: int,
+                 max_mitigation_captions: int, caption_tokens: int = CAPTION_TOKENS) -> int:
     from analyses import avsynth
     from analyses.pipeline import StudyInputs, StudySettings, run_study
     from analyses.runtime import load_runtime
@@ -56,9 +61,11 @@ def run_organism(out: str, seed: int, n_clips: int, max_traced: int, max_probes:
     if not (data / "avsynth" / "test_mc.json").exists():
         avsynth.generate(data, n_train=0, n_val=0, n_test=n_clips, seed=seed + 1, duration=DEMO_SECONDS)
     rt = load_runtime(str(ORGANISM_DIR), seed=seed)
+    rt.info["organism_trained"] = trained
     files = data / "avsynth"
     inputs = StudyInputs(mc_list=str(files / "test_mc.json"), media_root=str(data),
-                         probes=str(files / "test_yesno.json"), object_blocks=str(files / "test_important_seconds.json"))
+                         probes=str(files / "test_yesno.json"), object_blocks=str(files / "test_important_seconds.json"),
+                         captions=str(files / "test_captions.json"))
     calibration = None
     if not rt.model.cfg.sinks.calibrated:
         from analyses.datasets import load_vggsound_mc, official_prompt
@@ -74,7 +81,9 @@ def run_organism(out: str, seed: int, n_clips: int, max_traced: int, max_probes:
         print(f"sink constants calibrated on {len(samples)} clips: dims {list(cal.sinks.dims)}, "
               f"tau {cal.sinks.tau:.2f} (flags {cal.sink_fraction['midpoint']:.1%} of token-layers)")
     summary = run_study(rt, inputs, out_dir, StudySettings(seed=seed, max_traced_per_group=max_traced,
-                                                          max_probes=max_probes))
+                                                          max_mitigation_probes=max_mitigation_probes,
+                                                          max_mitigation_captions=max_mitigation_captions,
+                                                          caption_tokens=caption_tokens))
     summary["organism_trained"] = trained
     if calibration is not None:
         summary["calibration"] = calibration

@@ -258,13 +258,15 @@ def load_avhbench(
     media_root: str | Path | None = None,
     tasks: Sequence[str] | None = None,
     limit: int | None = None,
+    video_ids: Iterable[str] | None = None,
 ) -> ProbeSet:
     """Read an AVHBench question file (`qa_final_single_filtered.json`) or an avsynth yes/no or caption file.
 
     media_root: folder holding `videos/<video_id>.mp4` and `audios/<video_id>.wav` (AVHBench; the audio falls
         back to the video's own track) or the entries' own relative "video"/"audio" paths (avsynth). None: media
         are neither resolved nor checked (metrics-only use).
-    tasks: keep only these tasks (unknown names are an error); limit: the first `limit` entries kept.
+    tasks: keep only these tasks (unknown names are an error); video_ids: keep only the entries of these clips
+        (entries that are not objects are dropped too); limit: the first `limit` entries kept.
     An entry with an unknown task, a malformed field or missing media is not fatal: it is returned in `skipped`
     with the reason, and the rest load. A file that cannot be read is a DatasetError.
     """
@@ -281,6 +283,9 @@ def load_avhbench(
     entries = list(enumerate(_read_json_list(path)))
     if tasks is not None:
         entries = [(i, e) for i, e in entries if not isinstance(e, Mapping) or e.get("task", CAPTION_TASK) in tasks]
+    if video_ids is not None:
+        wanted = {str(v) for v in video_ids}
+        entries = [(i, e) for i, e in entries if isinstance(e, Mapping) and str(e.get("video_id", "")) in wanted]
     items, skipped, seen = [], [], set()
     for index, raw in entries[:limit]:
         try:
@@ -295,6 +300,44 @@ def load_avhbench(
         seen.add(item.id)
         items.append(item)
     return ProbeSet(items, skipped, str(path))
+
+
+#: ids of a second (caption) file's items get this prefix when merged with a yes/no file (their ids may repeat)
+CAPTIONS_PREFIX = "captions:"
+MATCH_TASK = "AV Matching"
+
+
+def disagreeing_clips(probes: ProbeSet) -> list[str]:
+    """The clips whose audio and video disagree: those whose "AV Matching" question is labelled "No" (the main
+    sound is not what is on screen, or nothing is), in file order. Clips without that question are not counted."""
+    out: list[str] = []
+    for it in probes.items:
+        if it.task == MATCH_TASK and it.label == NO and it.video_id not in out:
+            out.append(it.video_id)
+    return out
+
+
+def conflict_probes(
+    yesno: str | Path,
+    captions: str | Path | None = None,
+    media_root: str | Path | None = None,
+    max_probes: int | None = None,
+    max_captions: int | None = None,
+) -> ProbeSet:
+    """The probe set of the clips where audio and video disagree (`disagreeing_clips`): the questions of those
+    clips in `yesno` (AVHBench-format, e.g. avsynth's `<split>_yesno.json`: objects seen and heard, including the
+    object heard but not seen and the reverse, and AV matching), the first `max_probes` of them, then the first
+    `max_captions` caption items of the same clips in `captions` (ids prefixed `CAPTIONS_PREFIX`). The clips are
+    chosen from the labels alone, so an item with missing media is reported in `skipped` instead of silently
+    changing the set; the counts take prefixes in file order, so a larger count extends a smaller one."""
+    clips = disagreeing_clips(load_avhbench(yesno))
+    judged = load_avhbench(yesno, media_root, limit=max_probes, video_ids=clips)
+    source = f"{judged.source} (clips where audio and video disagree)"
+    if captions is None:
+        return ProbeSet(judged.items, judged.skipped, source)
+    described = load_avhbench(captions, media_root, limit=max_captions, video_ids=clips).prefixed(CAPTIONS_PREFIX)
+    return ProbeSet(judged.items + described.items, judged.skipped + described.skipped,
+                    f"{source} + {described.source}")
 
 
 # ============================================================================================ object hallucination
@@ -473,31 +516,57 @@ def judgment_cis(pred: Sequence[str], gold: Sequence[str], n_boot: int = DEFAULT
                  level: float = DEFAULT_LEVEL) -> dict[str, Estimate]:
     """Every `binary_metrics` metric with a paired bootstrap CI (each resample recomputes all of them)."""
     point = binary_metrics(pred, gold).to_dict()
+    draws = _judgment_draws(pred, gold, bootstrap_indices(len(pred), n_boot, seed))
+    return {m: Estimate(point[m], *_interval(draws[m], level), len(pred), level, seed, n_boot)
+            for m in JUDGMENT_METRICS}
+
+
+def _judgment_draws(pred: Sequence[str], gold: Sequence[str], idx: np.ndarray) -> dict[str, np.ndarray]:
+    """Every judgment metric on each resample `idx[b]` of the items."""
     p = np.array([x == YES for x in pred], dtype=bool)
     g = np.array([x == YES for x in gold], dtype=bool)
-    idx = bootstrap_indices(len(p), n_boot, seed)
     P, G = p[idx], g[idx]
     tp, fp, fn = (P & G).sum(1), (P & ~G).sum(1), (~P & G).sum(1)
     n = max(len(p), 1)
     prec, rec = _ratio(tp, tp + fp), _ratio(tp, tp + fn)
-    draws = {"accuracy": (P == G).sum(1) / n, "precision": prec, "recall": rec,
-             "f1": _ratio(2 * prec * rec, prec + rec), "yes_ratio": P.sum(1) / n}
-    return {m: Estimate(point[m], *_interval(draws[m], level), len(p), level, seed, n_boot) for m in JUDGMENT_METRICS}
+    return {"accuracy": (P == G).sum(1) / n, "precision": prec, "recall": rec,
+            "f1": _ratio(2 * prec * rec, prec + rec), "yes_ratio": P.sum(1) / n}
 
 
 def chair_cis(scores: Sequence[CaptionHallucination], n_boot: int = DEFAULT_N_BOOT, seed: int = 0,
               level: float = DEFAULT_LEVEL) -> dict[str, Estimate]:
     """CHAIR_s, CHAIR_i and coverage with a bootstrap CI over captions."""
     point = chair_metrics(scores).to_dict()
+    draws = _chair_draws(scores, bootstrap_indices(len(scores), n_boot, seed))
+    return {m: Estimate(point[m], *_interval(draws[m], level), len(scores), level, seed, n_boot) for m in CHAIR_METRICS}
+
+
+def _chair_draws(scores: Sequence[CaptionHallucination], idx: np.ndarray) -> dict[str, np.ndarray]:
+    """CHAIR_s, CHAIR_i and coverage on each resample `idx[b]` of the captions."""
     mentioned = np.array([len(s.mentioned) for s in scores])
     halluc = np.array([len(s.hallucinated) for s in scores])
     present = np.array([len(s.ground_truth) for s in scores])
     covered = np.array([len(set(s.mentioned) & set(s.ground_truth)) for s in scores])
-    idx = bootstrap_indices(len(scores), n_boot, seed)
-    draws = {"chair_s": (halluc[idx] > 0).mean(1) if len(scores) else np.full(n_boot, np.nan),
-             "chair_i": _ratio(halluc[idx].sum(1), mentioned[idx].sum(1)),
-             "coverage": _ratio(covered[idx].sum(1), present[idx].sum(1))}
-    return {m: Estimate(point[m], *_interval(draws[m], level), len(scores), level, seed, n_boot) for m in CHAIR_METRICS}
+    return {"chair_s": (halluc[idx] > 0).mean(1) if len(scores) else np.full(len(idx), np.nan),
+            "chair_i": _ratio(halluc[idx].sum(1), mentioned[idx].sum(1)),
+            "coverage": _ratio(covered[idx].sum(1), present[idx].sum(1))}
+
+
+def paired_differences(
+    draws_of: Callable[[np.ndarray], Mapping[str, np.ndarray]],
+    base_draws_of: Callable[[np.ndarray], Mapping[str, np.ndarray]],
+    n: int,
+    metrics: Sequence[str],
+    n_boot: int = DEFAULT_N_BOOT,
+    seed: int = 0,
+    level: float = DEFAULT_LEVEL,
+) -> dict[str, Estimate]:
+    """method - baseline for each metric over the same n items, with a paired percentile-bootstrap CI: both are
+    recomputed on the same resamples (`draws_of(idx)`; row 0 of `idx` is the identity, giving the point value)."""
+    idx = np.vstack([np.arange(n)[None, :], bootstrap_indices(n, n_boot, seed)])
+    a, b = draws_of(idx), base_draws_of(idx)
+    return {m: Estimate(float(a[m][0] - b[m][0]), *_interval(a[m][1:] - b[m][1:], level), n, level, seed, n_boot)
+            for m in metrics}
 
 
 def accuracy_ci(correct: Sequence[bool], n_boot: int = DEFAULT_N_BOOT, seed: int = 0,
@@ -737,14 +806,64 @@ def _family(key: str) -> str:
 
 
 def _cost(records: Sequence[Mapping[str, Any]], key: str) -> dict[str, float]:
-    """Seconds per scored item, and per generated token / decoder passes per token over every generation."""
+    """Seconds per scored item, and per generated token / decoder passes per token over every generation; the
+    same over the timed fixed-length generations only (`cost_tokens` tokens on the first `cost_items` yes/no
+    items: the same items and token counts for every method, so the comparable measure of cost)."""
     scored = [r["methods"][key]["seconds"] for r in records if r["kind"] in (JUDGMENT, MC)]
     costs = [r["methods"][key]["cost"] for r in records if "cost" in r["methods"][key]]
-    tokens = sum(c["n_tokens"] for c in costs)
+    fixed = [r["methods"][key]["cost"] for r in records if r["kind"] == JUDGMENT and "cost" in r["methods"][key]]
+    tokens, fixed_tokens = sum(c["n_tokens"] for c in costs), sum(c["n_tokens"] for c in fixed)
     return {"seconds_per_item": float(np.mean(scored)) if scored else math.nan,
             "seconds_per_token": sum(c["seconds"] for c in costs) / tokens if tokens else math.nan,
             "passes_per_token": sum(c["passes"] for c in costs) / tokens if tokens else math.nan,
-            "n_generated_tokens": tokens}
+            "n_generated_tokens": tokens,
+            "timed_seconds_per_token": sum(c["seconds"] for c in fixed) / fixed_tokens if fixed_tokens else math.nan,
+            "timed_passes_per_token": sum(c["passes"] for c in fixed) / fixed_tokens if fixed_tokens else math.nan,
+            "n_timed_tokens": fixed_tokens}
+
+
+def _relative_cost(cost: Mapping[str, float], plain: Mapping[str, float]) -> dict[str, float]:
+    """Seconds and passes per generated token relative to plain decoding, from the timed fixed-length generations
+    (every generation when there are none)."""
+    timed = "timed_" if cost["n_timed_tokens"] and plain["n_timed_tokens"] else ""
+
+    def ratio(name: str) -> float:
+        a, b = cost[timed + name], plain[timed + name]
+        return a / b if math.isfinite(a) and math.isfinite(b) and b > 0 else math.nan
+
+    return {"seconds_per_token_vs_plain": ratio("seconds_per_token"),
+            "passes_per_token_vs_plain": ratio("passes_per_token"), "vs_plain_from": timed.rstrip("_") or "all"}
+
+
+def _versus(key: str, base: str, records: Sequence[Mapping[str, Any]], n_boot: int, seed: int,
+            level: float) -> dict[str, dict[str, float]]:
+    """Method `key` minus method `base` on every judgment and CHAIR metric over the same items, with paired
+    bootstrap CIs (`paired_differences`)."""
+    out: dict[str, dict[str, float]] = {}
+    judged = [r for r in records if r["kind"] == JUDGMENT]
+    if judged:
+        gold = [r["label"] for r in judged]
+
+        def judgments(k: str) -> Callable[[np.ndarray], Mapping[str, np.ndarray]]:
+            pred = [r["methods"][k]["pred"] for r in judged]
+            return lambda idx: _judgment_draws(pred, gold, idx)
+
+        diffs = paired_differences(judgments(key), judgments(base), len(judged), JUDGMENT_METRICS, n_boot, seed, level)
+        out.update({m: e.to_dict() for m, e in diffs.items()})
+    captions = [r for r in records if r["kind"] == CAPTION]
+    if captions:
+        def chair(k: str) -> Callable[[np.ndarray], Mapping[str, np.ndarray]]:
+            scores = [_caption_score(r, k) for r in captions]
+            return lambda idx: _chair_draws(scores, idx)
+
+        diffs = paired_differences(chair(key), chair(base), len(captions), CHAIR_METRICS, n_boot, seed, level)
+        out.update({m: e.to_dict() for m, e in diffs.items()})
+    return out
+
+
+def _caption_score(record: Mapping[str, Any], key: str) -> CaptionHallucination:
+    m = record["methods"][key]
+    return CaptionHallucination(tuple(m["mentioned"]), tuple(m["hallucinated"]), tuple(m["ground_truth"]))
 
 
 def _method_row(method: mitigate.Method, records: Sequence[Mapping[str, Any]], n_boot: int, seed: int,
@@ -764,8 +883,7 @@ def _method_row(method: mitigate.Method, records: Sequence[Mapping[str, Any]], n
                                             [g for g, r in zip(gold, judged) if r["task"] == t]).to_dict()
                           for t in tasks}
     if captions:
-        scores = [CaptionHallucination(tuple(r["methods"][key]["mentioned"]), tuple(r["methods"][key]["hallucinated"]),
-                                       tuple(r["methods"][key]["ground_truth"])) for r in captions]
+        scores = [_caption_score(r, key) for r in captions]
         row["chair"] = {m: e.to_dict() for m, e in chair_cis(scores, n_boot, seed, level).items()}
     if mcs:
         row["mc_accuracy"] = accuracy_ci([r["methods"][key]["correct"] for r in mcs], n_boot, seed, level).to_dict()
@@ -775,7 +893,10 @@ def _method_row(method: mitigate.Method, records: Sequence[Mapping[str, Any]], n
 
 def summarize_mitigation(out: str | Path) -> dict[str, Any]:
     """Per method: judgment metrics (overall with bootstrap CIs, and per task), CHAIR, 20-way accuracy, costs;
-    plus the skipped items. The bootstrap seed, draws and level are the run's settings (recorded)."""
+    plus the skipped items. When the run has the plain method, every other row also has `vs_plain` (the method
+    minus plain on each judgment and CHAIR metric, paired bootstrap CI) and its cost per generated token relative
+    to plain (`cost["seconds_per_token_vs_plain"]`, `cost["passes_per_token_vs_plain"]`). The bootstrap seed,
+    draws and level are the run's settings (recorded)."""
     from .records import RecordStore
 
     folder = Path(out) / MITIGATION_DIR
@@ -786,7 +907,13 @@ def summarize_mitigation(out: str | Path) -> dict[str, Any]:
     records = RecordStore(folder / RECORDS_FILE).read()
     done = [r for r in records if r["kind"] != SKIP]
     methods = [mitigate.method_from_dict(d) for d in settings["methods"]]
-    rows = [_method_row(m, done, settings["n_boot"], settings["seed"], settings["level"]) for m in methods]
+    boot = (settings["n_boot"], settings["seed"], settings["level"])
+    rows = [_method_row(m, done, *boot) for m in methods]
+    plain = next((r for m, r in zip(methods, rows) if isinstance(m, mitigate.Plain)), None)
+    for row in rows if plain is not None else ():
+        row["cost"].update(_relative_cost(row["cost"], plain["cost"]))
+        if row is not plain:
+            row["vs_plain"] = _versus(row["method"], plain["method"], done, *boot)
     return {"seed": settings["seed"], "n_boot": settings["n_boot"], "level": settings["level"],
             "n_records": len(done), "skipped": [r for r in records if r["kind"] == SKIP], "rows": rows,
             "settings": settings}
@@ -804,20 +931,83 @@ def _num(x: float, scale: float = 1.0, digits: int = 1) -> str:
 
 
 def mitigation_table_markdown(summary: Mapping[str, Any]) -> str:
-    """One row per method: judgment metrics, CHAIR, 20-way accuracy (value [95 % CI]) and costs."""
+    """One row per method: judgment metrics, CHAIR, 20-way accuracy (value [95 % CI]) and costs (with the time
+    per generated token relative to plain decoding when the run has plain); then, with plain, the difference
+    of each method from plain (`difference_table_markdown`)."""
     head = ["method", "n", "accuracy", "precision", "recall", "F1", "yes-ratio", "CHAIR_s", "CHAIR_i",
-            "20-way acc", "ms/item", "ms/token", "passes/token"]
+            "20-way acc", "ms/item", "ms/token", "passes/token", "time/token vs plain"]
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for r in summary["rows"]:
         j, c, cost = r.get("judgment", {}), r.get("chair", {}), r["cost"]
+        relative = cost.get("seconds_per_token_vs_plain", math.nan)
         cells = [r["method"], str(r["n_judgments"] + r["n_captions"] + r["n_mc"]),
                  *(_fmt(j.get(m)) for m in JUDGMENT_METRICS), _fmt(c.get("chair_s")), _fmt(c.get("chair_i")),
                  _fmt(r.get("mc_accuracy")), _num(cost["seconds_per_item"], 1e3), _num(cost["seconds_per_token"], 1e3),
-                 _num(cost["passes_per_token"], digits=2)]
+                 _num(cost["passes_per_token"], digits=2), "\u2013" if not math.isfinite(relative) else f"{relative:.2f}x"]
         lines.append("| " + " | ".join(cells) + " |")
     notes = [f"Bootstrap {summary['level']:.0%} CIs over items, {summary['n_boot']} draws, seed {summary['seed']}.",
+             "ms/token and passes/token: over every generation (captions and timed generations); time/token vs "
+             "plain: wall time per generated token relative to plain decoding, over the timed fixed-length "
+             "generations (the same items and token counts for every method; prefill included).",
              f"{len(summary['skipped'])} items skipped (see {TABLE_JSON})."]
-    return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
+    text = "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
+    if any("vs_plain" in r for r in summary["rows"]):
+        text += "\n" + difference_table_markdown(summary)
+    return text
+
+
+#: (metric, better when the difference is positive) for the verdicts of `mitigation_verdicts`
+VERDICT_METRICS: tuple[tuple[str, bool], ...] = (("accuracy", True), ("f1", True), ("chair_s", False),
+                                                 ("chair_i", False))
+
+
+def mitigation_verdicts(summary: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per method (rows with `vs_plain`): "helps" when some metric's paired CI against plain lies entirely on the
+    better side (accuracy / F1 up, CHAIR down) and none on the worse side, "hurts" for the reverse, "mixed" for
+    both, "no resolved difference" otherwise; with the metrics that decided it."""
+    out: dict[str, dict[str, Any]] = {}
+    for r in summary["rows"]:
+        if "vs_plain" not in r:
+            continue
+        better, worse = [], []
+        for m, up in VERDICT_METRICS:
+            e = r["vs_plain"].get(m)
+            if not e or not (math.isfinite(e["low"]) and math.isfinite(e["high"])):
+                continue
+            if e["low"] > 0 or e["high"] < 0:
+                (better if (e["low"] > 0) == up else worse).append(m)
+        verdict = ("mixed" if better and worse else "helps" if better else "hurts" if worse
+                   else "no resolved difference")
+        out[r["method"]] = {"verdict": verdict, "better": better, "worse": worse}
+    return out
+
+
+DIFFERENCE_METRICS: tuple[tuple[str, str], ...] = (("accuracy", "accuracy"), ("f1", "F1"), ("yes_ratio", "yes-ratio"),
+                                                   ("chair_s", "CHAIR_s"), ("chair_i", "CHAIR_i"))
+
+
+def difference_table_markdown(summary: Mapping[str, Any]) -> str:
+    """Each method minus plain (paired bootstrap CI over the same items): accuracy, F1, yes-ratio, CHAIR_s,
+    CHAIR_i; and the passes per generated token relative to plain."""
+    head = ["method", *(label for _, label in DIFFERENCE_METRICS), "passes/token vs plain"]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    for r in summary["rows"]:
+        if "vs_plain" not in r:
+            continue
+        passes = r["cost"].get("passes_per_token_vs_plain", math.nan)
+        cells = [r["method"], *(_signed(r["vs_plain"].get(m)) for m, _ in DIFFERENCE_METRICS),
+                 "\u2013" if not math.isfinite(passes) else f"{passes:.2f}x"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return ("Difference from plain decoding (method - plain on the same items; paired bootstrap "
+            f"{summary['level']:.0%} CI, {summary['n_boot']} draws, seed {summary['seed']}; a CI that excludes 0 "
+            "marks a difference these items resolve):\n\n" + "\n".join(lines) + "\n")
+
+
+def _signed(est: Mapping[str, float] | None, digits: int = 3) -> str:
+    if not est or not math.isfinite(est["value"]):
+        return "\u2013"
+    ci = "" if not math.isfinite(est["low"]) else f" [{est['low']:+.{digits - 1}f}, {est['high']:+.{digits - 1}f}]"
+    return f"{est['value']:+.{digits}f}{ci}"
 
 
 PLOT_METRICS: tuple[tuple[str, str, str], ...] = (
