@@ -8,6 +8,7 @@
     hooked-av mitigate  --model DIR --probes qa_final_single_filtered.json --media-root AVHBench --out runs/m \
                         --methods plain,amplify,contrastive,guidance --alphas 0.2,0.5 --betas 1 --strengths 0.5
     hooked-av compare   --runs qwen7b=runs/x vs2=runs/y --out runs/cmp   (trace runs of the same study, one per model)
+    hooked-av trace ... --ray HEAD:6379 --device cuda    (dominance too: one actor per GPU; --ray-local N on a laptop)
 
 Runs append one JSON line per sample and resume where they stopped; settings and seeds are in settings.json.
 """
@@ -48,8 +49,90 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", help="local HF checkpoint directory for a preset")
     p.add_argument("--dtype", default=None, help="float32, bfloat16, ... (default: the checkpoint's)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--device-map", type=_device_map, default=None,
+                   help="one model over several devices (accelerate): auto, balanced, sequential, or a JSON "
+                        "{module: device} object or file, e.g. '{\"\": 0}'")
+    p.add_argument("--offload-folder", default=None, help="with --device-map: where modules mapped to 'disk' go")
     p.add_argument("--sink-dims", type=_ints, default=None, help="override the preset's sink dims, e.g. 458,2570")
     p.add_argument("--tau", type=float, default=None, help="override the preset's sink threshold")
+
+
+def _device_map(text: str) -> Any:
+    """--device-map: a strategy name, a JSON object, or a JSON file holding one."""
+    from hooked_av.dispatch import STRATEGIES
+
+    if text in STRATEGIES:
+        return text
+    path = Path(text)
+    try:
+        value = json.loads(path.read_text(encoding="utf-8") if path.is_file() else text)
+    except (OSError, json.JSONDecodeError) as e:
+        raise argparse.ArgumentTypeError(f"expected {', '.join(STRATEGIES)}, a JSON object or a JSON file ({e})")
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("a device map is a JSON object {module name: device}")
+    return value
+
+
+def _ray_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("Ray", "run the per-sample work on a Ray cluster (pip install 'hooked-av[ray]'): one "
+                                    "actor per GPU holding the model, samples sharded by id, merged and resumable")
+    g.add_argument("--ray", nargs="?", const="auto", default=None, metavar="ADDRESS",
+                   help="a running cluster: HOST:6379 (ray start --head), ray://HOST:10001, or no value for the "
+                        "one started on this machine (RAY_ADDRESS)")
+    g.add_argument("--ray-local", type=int, default=None, metavar="N",
+                   help="start a local Ray instance with N CPUs for this run (N actors on CPU)")
+    g.add_argument("--actors", type=int, default=None,
+                   help="model copies (default: one per GPU, or per CPU with --device cpu)")
+    g.add_argument("--gpus-per-actor", type=float, default=None,
+                   help="GPUs each actor holds (default: 1 with --device cuda, else 0; 2+ with --device-map)")
+    g.add_argument("--cpus-per-actor", type=float, default=1.0)
+    g.add_argument("--shards", type=int, default=None, help="shard files (default: 4 per actor)")
+    g.add_argument("--max-restarts", type=int, default=3,
+                   help="times Ray restarts a dead actor and retries its shard (then the shard goes elsewhere)")
+    g.add_argument("--keep-shards", action="store_true", help="keep the per-shard JSONL files after merging")
+
+
+def _on_ray(args: argparse.Namespace) -> bool:
+    if args.ray is not None and args.ray_local is not None:
+        raise ValueError("pass --ray ADDRESS or --ray-local N, not both")
+    return args.ray is not None or args.ray_local is not None
+
+
+def _ray_options(args: argparse.Namespace) -> Any:
+    from .distributed import RayOptions
+
+    gpus = args.gpus_per_actor
+    if gpus is None:
+        gpus = 1.0 if str(args.device).startswith("cuda") else 0.0
+    return RayOptions(address=args.ray, local_cpus=args.ray_local, actors=args.actors, gpus_per_actor=gpus,
+                      cpus_per_actor=args.cpus_per_actor, shards=args.shards, max_restarts=args.max_restarts,
+                      max_task_retries=args.max_restarts, keep_shards=args.keep_shards,
+                      fault_file=os.environ.get("HOOKED_AV_RAY_FAULT_FILE"))
+
+
+def _ray_load(command: str, argv: dict[str, Any]) -> tuple[Any, Any, dict[str, Any]]:
+    """What each Ray actor loads for a `dominance` / `trace` command line: (model, source, run info), exactly as
+    the single-process command does."""
+    args = argparse.Namespace(**argv)
+    rt = _runtime(args)
+    source, _ = _source(args, rt)
+    return rt.model, source, (_trace_info(args, rt) if command == "trace" else _run_info(args, rt))
+
+
+def _ray_job(command: str, study: str, args: argparse.Namespace, settings: Any, **kw: Any) -> Any:
+    import functools
+
+    from .distributed import StudyJob
+
+    return StudyJob(study, settings, functools.partial(_ray_load, command, dict(vars(args))), **kw)
+
+
+def _listed(args: argparse.Namespace) -> list[Any]:
+    """The sample list of a command line (without loading a model)."""
+    from .datasets import load_vggsound_mc
+
+    samples = load_vggsound_mc(args.data, media_root=args.media_root, step=args.data_step)
+    return samples[: args.limit] if args.limit is not None else samples
 
 
 def _data_args(p: argparse.ArgumentParser) -> None:
@@ -77,14 +160,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--clips", type=int, default=None, help="held-out clips to generate (default 150)")
     demo.add_argument("--max-traced", type=int, default=None, help="dominant samples traced per group (default 15)")
-    demo.add_argument("--max-probes", type=int, default=None, help="yes/no probes (default 60)")
+    demo.add_argument("--max-mitigation-probes", "--max-probes", dest="max_mitigation_probes", type=int, default=None,
+                      help="mitigation stage: yes/no questions of the clips where audio and video disagree (default 24)")
+    demo.add_argument("--max-mitigation-captions", type=int, default=None,
+                      help="mitigation stage: captions of those clips (default 3)")
+    demo.add_argument("--caption-tokens", type=int, default=None, help="max new tokens of a caption (default 12)")
     sub.add_parser("hooks", help="list the uniform hook names of the tiny demo model")
 
     dom = sub.add_parser("dominance", help="unimodal-dominance filtering (a / v / av runs)")
-    _model_args(dom), _data_args(dom)
+    _model_args(dom), _data_args(dom), _ray_args(dom)
 
     tr = sub.add_parser("trace", help="indirect effects of restoring token subsets (Table 1)")
-    _model_args(tr), _data_args(tr)
+    _model_args(tr), _data_args(tr), _ray_args(tr)
     tr.add_argument("--dominance", default="run", choices=("run", "list"),
                     help="'run': the dominance study's records in --out; 'list': the letters stored in --data "
                          "(step 1: av/a/v; step 2: correct_pred/corrupt_pred with --dominant)")
@@ -187,7 +274,7 @@ def _source(args: argparse.Namespace, rt: Any) -> Any:
         samples = samples[: args.limit]
     blocks = load_object_blocks(args.object_blocks) if getattr(args, "object_blocks", None) else None
     return VGGSoundSource(samples, rt.process, rt.tokenizer, prompt_step=args.prompt_step, object_blocks=blocks,
-                          strict_level=getattr(args, "strict_level", "high"), model=rt.model), samples
+                          strict_level=getattr(args, "strict_level", "high"), model=rt.model, load=rt.load), samples
 
 
 def _run_info(args: argparse.Namespace, rt: Any) -> dict[str, Any]:
@@ -199,18 +286,28 @@ def _runtime(args: argparse.Namespace) -> Any:
     from .runtime import load_runtime
 
     return load_runtime(args.model, args.checkpoint, args.dtype, args.device, seed=args.seed,
-                        sink_dims=args.sink_dims, tau=args.tau)
+                        sink_dims=args.sink_dims, tau=args.tau, device_map=getattr(args, "device_map", None),
+                        offload_folder=getattr(args, "offload_folder", None))
 
 
 def cmd_dominance(args: argparse.Namespace) -> int:
     from .dominance import DominanceSettings, run_dominance
     from .records import RecordStore
 
-    rt = _runtime(args)
-    source, _ = _source(args, rt)
     settings = DominanceSettings(mode=args.mode, seed=args.seed, max_new_tokens=args.max_new_tokens)
-    path = run_dominance(rt.model, source, args.out, settings,
-                         run_info=_run_info(args, rt), resume=not args.no_resume)
+    if _on_ray(args):
+        from .distributed import run_sharded
+
+        ids = list(dict.fromkeys(s.sample_id for s in _listed(args)))
+        done = run_sharded(_ray_job("dominance", "dominance", args, settings), ids, args.out, _ray_options(args),
+                           resume=not args.no_resume)
+        print(f"Ray: {done.summary()}")
+        path = done.path
+    else:
+        rt = _runtime(args)
+        source, _ = _source(args, rt)
+        path = run_dominance(rt.model, source, args.out, settings,
+                             run_info=_run_info(args, rt), resume=not args.no_resume)
     recs = RecordStore(path).read()
     counts = {d: sum(r["dominant"] == d for r in recs) for d in ("audio", "video", None)}
     print(f"{path}: {len(recs)} samples; audio-dominant {counts['audio']}, video-dominant {counts['video']}, "
@@ -236,28 +333,51 @@ def _stored_dominance(args: argparse.Namespace, s: Any) -> dict[str, Any]:
     return {"id": s.sample_id, "pred": pred, "dominant": dominance_of(pred)}
 
 
-def cmd_trace(args: argparse.Namespace) -> int:
+def _dominance_records(args: argparse.Namespace, samples: list[Any]) -> list[dict[str, Any]]:
+    """What `trace` traces: dominance records from the list's stored letters or from the dominance run."""
     from .dominance import RECORDS_FILE
     from .records import RecordStore
-    from .tracing import TraceSettings, run_tracing, write_report
 
-    rt = _runtime(args)
-    source, samples = _source(args, rt)
     if args.dominance == "list":
-        dom = [_stored_dominance(args, s) for s in samples]
-    else:
-        path = Path(args.out) / "dominance" / RECORDS_FILE
-        if not path.exists():
-            raise FileNotFoundError(f"{path}: run `hooked-av dominance` first, or pass --dominance list")
-        dom = RecordStore(path).read()
-    settings = TraceSettings(site=args.site, layers=args.layers, n_divs=tuple(args.n_divs),
-                             split_rule=args.split_rule, mode=args.mode, seed=args.seed, batch_size=args.batch_size,
-                             max_new_tokens=args.max_new_tokens, min_audio_chunks=args.min_audio_chunks)
-    info = {**_run_info(args, rt), "dominance_source": args.dominance, "dominant": args.dominant,
+        return [_stored_dominance(args, s) for s in samples]
+    path = Path(args.out) / "dominance" / RECORDS_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: run `hooked-av dominance` first, or pass --dominance list")
+    return RecordStore(path).read()
+
+
+def _trace_settings(args: argparse.Namespace) -> Any:
+    from .tracing import TraceSettings
+
+    return TraceSettings(site=args.site, layers=args.layers, n_divs=tuple(args.n_divs),
+                         split_rule=args.split_rule, mode=args.mode, seed=args.seed, batch_size=args.batch_size,
+                         max_new_tokens=args.max_new_tokens, min_audio_chunks=args.min_audio_chunks)
+
+
+def _trace_info(args: argparse.Namespace, rt: Any) -> dict[str, Any]:
+    return {**_run_info(args, rt), "dominance_source": args.dominance, "dominant": args.dominant,
             "object_blocks": args.object_blocks, "strict_level": args.strict_level}
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    from .records import RecordStore
+    from .tracing import run_tracing, to_trace, write_report
+
     history = Path(args.out) / "history" if args.history else None
-    path = run_tracing(rt.model, source, dom, args.out, settings, run_info=info, resume=not args.no_resume,
-                       history_dir=history)
+    if _on_ray(args):
+        from .distributed import run_sharded
+
+        job = _ray_job("trace", "tracing", args, _trace_settings(args),
+                       history_dir=str(history.resolve()) if history else None)
+        done = run_sharded(job, to_trace(_dominance_records(args, _listed(args))), args.out, _ray_options(args),
+                           resume=not args.no_resume)
+        print(f"Ray: {done.summary()}")
+        path = done.path
+    else:
+        rt = _runtime(args)
+        source, samples = _source(args, rt)
+        path = run_tracing(rt.model, source, _dominance_records(args, samples), args.out, _trace_settings(args),
+                           run_info=_trace_info(args, rt), resume=not args.no_resume, history_dir=history)
     paths = write_report(args.out, seed=args.seed)
     print(f"{path}: {len(RecordStore(path).read())} samples traced")
     print(paths["table_md"].read_text(encoding="utf-8"))
@@ -280,12 +400,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from .records import atomic_write_text
 
     rt = _runtime(args)
-    from hooked_av import media
-
     from .datasets import official_prompt
 
     _, listed = _source(args, rt)
-    samples = (rt.process(media.load_av(str(s.video), audio=str(s.audio)), official_prompt(s.choices, args.prompt_step))
+    samples = (rt.process(rt.load(str(s.video), audio=str(s.audio)), official_prompt(s.choices, args.prompt_step))
                for s in listed)  # the clean clips only: calibration needs no corrupted conditions
     cal = calibrate_sinks(rt.model, samples, n_dims=args.n_dims, tau_rule=args.tau_rule)
     result = {**cal.to_dict(), "run": _run_info(args, rt)}
@@ -403,12 +521,14 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from hooked_av.media import MediaError
 
     from .datasets import DatasetError
+    from .distributed import ActorsLostError, RayUnavailableError
     from .objects import ObjectMaskError
     from .official import OfficialFormatError
     from .records import RunSettingsError
 
     return (CheckpointError, UnknownHookNameError, LayoutError, MediaError, DatasetError, ObjectMaskError,
-            OfficialFormatError, RunSettingsError, FileNotFoundError, ValueError)
+            OfficialFormatError, RunSettingsError, FileNotFoundError, ValueError, RayUnavailableError,
+            ActorsLostError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -419,7 +539,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "hooks":
             return demo_mod.list_hooks()
         knobs = {k: v for k, v in (("n_clips", args.clips), ("max_traced", args.max_traced),
-                                   ("max_probes", args.max_probes)) if v is not None}
+                                   ("max_mitigation_probes", args.max_mitigation_probes),
+                                   ("max_mitigation_captions", args.max_mitigation_captions),
+                                   ("caption_tokens", args.caption_tokens)) if v is not None}
         return demo_mod.run(out=args.out, seed=args.seed, **knobs)
     commands = {"dominance": cmd_dominance, "trace": cmd_trace, "report": cmd_report, "calibrate": cmd_calibrate,
                 "official-ie": cmd_official_ie, "export-official": cmd_export_official, "mitigate": cmd_mitigate,

@@ -1,14 +1,16 @@
-"""What the CLI loads: a model, its tokenizer and its processor path, from `--model` / `--checkpoint`."""
+"""What the CLI loads: a model, its tokenizer, its family's processor and clip reader, from `--model` /
+`--checkpoint` (the processors of `model_zoo.processing`)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from hooked_av import HookedAVModel, SinkConstants
+from hooked_av import HookedAVModel, SinkConstants, media
 
 TINY = "tiny"
 #: sink constants for the tiny random thinker: its values are plain noise, so these only exercise the machinery
@@ -21,12 +23,16 @@ class Runtime:
     tokenizer: Any
     process: Any  # (RawAV, prompt) -> processor outputs
     info: dict[str, Any]
+    #: (video, audio=None) -> RawAV, with the frame sampling of the model family's public pipeline
+    load: Any = field(default=functools.partial(media.load_av, fps=media.DEFAULT_FPS))
 
 
 def load_runtime(model: str, checkpoint: str | None = None, dtype: str | None = None, device: str = "cpu",
-                 seed: int = 0, sink_dims: tuple[int, ...] | None = None, tau: float | None = None) -> Runtime:
-    """`model` is a preset name (with `checkpoint`), a checkpoint directory, or "tiny" (random, for tests)."""
-    from model_zoo.qwen2_5_omni_processing import ChatProcessor, Qwen25OmniMediaProcessor
+                 seed: int = 0, sink_dims: tuple[int, ...] | None = None, tau: float | None = None,
+                 device_map: Any = None, offload_folder: str | None = None) -> Runtime:
+    """`model` is a preset name (with `checkpoint`), a checkpoint directory, or "tiny" (random, for tests). The
+    processor and clip reader are the model family's (`model_zoo.processing.processing_for`)."""
+    from model_zoo.processing import processing_for
 
     torch.manual_seed(seed)
     if model == TINY:
@@ -34,8 +40,13 @@ def load_runtime(model: str, checkpoint: str | None = None, dtype: str | None = 
 
         hooked = HookedAVModel.from_hf_model(tiny_hf_thinker(seed=seed), sinks=TINY_SINKS)
         tokenizer = TinyTokenizer()
+        if device_map is not None:  # one model over several devices (hooked_av.dispatch)
+            from hooked_av import dispatch
+
+            dispatch.dispatch(hooked.eval(), dispatch.resolve_device_map(hooked, device_map), offload_folder)
     else:
-        hooked = HookedAVModel.from_pretrained(model, checkpoint=checkpoint, dtype=dtype, device=device)
+        hooked = HookedAVModel.from_pretrained(model, checkpoint=checkpoint, dtype=dtype, device=device,
+                                               device_map=device_map, offload_folder=offload_folder)
         tokenizer = _local_tokenizer(Path(checkpoint or model))
     if sink_dims is not None or tau is not None:
         s = hooked.cfg.sinks
@@ -44,11 +55,11 @@ def load_runtime(model: str, checkpoint: str | None = None, dtype: str | None = 
                                        provenance="given on the command line", calibrated=True))
     hooked.eval()
     overrides = processor_overrides(Path(checkpoint or model)) if model != TINY else {}
-    process = ChatProcessor(Qwen25OmniMediaProcessor.from_model(hooked, tokenizer, **overrides))
+    processing = processing_for(hooked, tokenizer, **overrides)
     info = {"model": model, "checkpoint": checkpoint, "dtype": str(hooked.dtype), "device": str(hooked.device),
             "model_seed": seed if model == TINY else None, "sinks": hooked.cfg.sinks.to_dict(),
             "n_layers": hooked.cfg.n_layers, "torch": torch.__version__, "processor": overrides}
-    return Runtime(hooked, tokenizer, process, info)
+    return Runtime(hooked, tokenizer, processing.chat, info, load=processing.load_av)
 
 
 def _local_tokenizer(path: Path) -> Any:

@@ -45,6 +45,8 @@ class VGGSoundSource(SampleSource):
     process: (RawAV, prompt text) -> processor outputs (e.g. `ChatProcessor`).
     tokenizer: for the answer letters' candidate ids.
     prompt_step: 1 or 2, which official prompt to use for every condition (one prompt for all runs).
+    load: (video, audio) -> RawAV, the model family's clip reader (`Runtime.load`); default
+        `hooked_av.media.load_av` at `fps` (qwen-omni-utils' frame sampling).
     """
 
     def __init__(
@@ -58,6 +60,7 @@ class VGGSoundSource(SampleSource):
         strict_level: str = "high",
         model: Any = None,
         fps: float = media.DEFAULT_FPS,
+        load: Callable[..., media.RawAV] | None = None,
     ):
         self.samples = {s.sample_id: s for s in samples}
         self.process = process
@@ -68,6 +71,7 @@ class VGGSoundSource(SampleSource):
         self.strict_level = strict_level
         self.model = model
         self.fps = fps
+        self.load = load
 
     def ids(self) -> list[str]:
         return list(self.samples)
@@ -78,7 +82,10 @@ class VGGSoundSource(SampleSource):
     def prepare(self, sample_id: str) -> PreparedSample:
         s = self.samples[sample_id]
         video = list(map(str, s.video)) if isinstance(s.video, tuple) else str(s.video)
-        raw = media.load_av(video, audio=str(s.audio), fps=self.fps)
+        if self.load is not None:
+            raw = self.load(video, audio=str(s.audio))
+        else:
+            raw = media.load_av(video, audio=str(s.audio), fps=self.fps)
         prompt = official_prompt(s.choices, self.prompt_step)
         inputs = {}
         for cond, corruption in CONDITION_CORRUPTION.items():

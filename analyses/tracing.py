@@ -235,26 +235,38 @@ def run_tracing(
     out = Path(out)
     write_settings(out / "tracing", {"study": "tracing", **asdict(settings), **(run_info or {})}, resume)
     store = RecordStore(out / "tracing" / RECORDS_FILE, resume=resume)
-    todo = [r for r in dominance_records if r.get("dominant") in ("audio", "video")]
     torch.manual_seed(settings.seed)
-    for rec in tqdm(todo, desc="tracing"):
+    for rec in tqdm(to_trace(dominance_records), desc="tracing"):
         if rec["id"] in store:
             continue
-        dominant = rec["dominant"]
-        sample = source.prepare(rec["id"])
-        reason = skip_reason(model, sample, settings)
-        if reason:
-            store.append({"id": sample.id, "dominant": dominant, "skipped": reason})
-            continue
-        record, st = trace_sample(model, sample, dominant, rec["pred"]["av"],
-                                  rec["pred"][CORRUPTED_CONDITION[dominant]], settings)
-        if history_dir is not None and st.history:
-            from . import official
-
-            history = {p: official.SinkHistory(**h) for p, h in st.history.items()}
-            official.write_history(official.history_path(history_dir, sample.id, min(settings.n_divs)), history)
-        store.append(record)
+        store.append(trace_record(model, source, rec, settings, history_dir))
     return store.path
+
+
+def to_trace(dominance_records: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The dominance records of the samples a tracing run traces (audio- or video-dominant), in order."""
+    return [r for r in dominance_records if r.get("dominant") in ("audio", "video")]
+
+
+def trace_record(
+    model: Any, source: SampleSource, rec: Mapping[str, Any], settings: TraceSettings,
+    history_dir: str | Path | None = None,
+) -> dict[str, Any]:
+    """The tracing record of one dominant sample (or its skip record), from its dominance record; the per-sample
+    work of `run_tracing`, also run by the Ray actors of `analyses.distributed`."""
+    dominant = rec["dominant"]
+    sample = source.prepare(rec["id"])
+    reason = skip_reason(model, sample, settings)
+    if reason:
+        return {"id": sample.id, "dominant": dominant, "skipped": reason}
+    record, st = trace_sample(model, sample, dominant, rec["pred"]["av"],
+                              rec["pred"][CORRUPTED_CONDITION[dominant]], settings)
+    if history_dir is not None and st.history:
+        from . import official
+
+        history = {p: official.SinkHistory(**h) for p, h in st.history.items()}
+        official.write_history(official.history_path(history_dir, sample.id, min(settings.n_divs)), history)
+    return record
 
 
 def to_stage2(records: Sequence[Mapping[str, Any]], subset: str, n_div: int | None) -> list[Any]:

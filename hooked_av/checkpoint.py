@@ -84,7 +84,7 @@ def load_into(
     path: str | os.PathLike,
     map_key: Callable[[str], Target],
     dtype: torch.dtype,
-    device: torch.device | str,
+    device: torch.device | str | Callable[[str], torch.device | str],
     tied: dict[str, str] | None = None,
     extra_sources: Sequence[tuple[str | os.PathLike, Callable[[str], Target]]] = (),
 ) -> None:
@@ -95,7 +95,10 @@ def load_into(
     `tied` maps a parameter to the one it shares storage with when the checkpoint omits it (e.g. a tied lm_head).
     `extra_sources` are further (directory, map_key) pairs read after `path`; they fill only the (non-stacked)
     parameters still missing (e.g. encoder weights a family's checkpoint leaves to the encoder's own release).
+    `device` is one device, or a function of the parameter name (a device_map: each weight goes straight to the
+    device of its module).
     """
+    device_of = device if callable(device) else (lambda name: device)
     params = dict(model.named_parameters(remove_duplicate=False))
     loaded: set[str] = set()
     unexpected: list[str] = []
@@ -127,11 +130,11 @@ def load_into(
             expected = tuple(params[name].shape)
             if tuple(tensor.shape) != expected:
                 raise CheckpointError(f"{path}: {key} has shape {tuple(tensor.shape)}, the model expects {expected}")
-            _set_parameter(model, name, tensor.to(device=device, dtype=dtype))
+            _set_parameter(model, name, tensor.to(device=device_of(name), dtype=dtype))
             loaded.add(name)
             continue
         if name not in stacked:
-            stacked[name] = torch.empty(params[name].shape, dtype=dtype, device=device)
+            stacked[name] = torch.empty(params[name].shape, dtype=dtype, device=device_of(name))
             covered[name] = 0
             slices[name] = set()
         if repr(index) in slices[name]:

@@ -150,6 +150,17 @@ class AttentionMask:
             ~allowed, torch.finfo(dtype).min
         )
 
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "AttentionMask":
+        """The same mask on another device (accelerate moves a block's inputs with `.to` under a device_map)."""
+        device = torch.device(device) if not isinstance(device, torch.device) else device
+        if self.key_valid.device == device:
+            return self
+        moved = AttentionMask.__new__(AttentionMask)
+        moved.__dict__.update(self.__dict__)
+        moved.key_valid = self.key_valid.to(device, non_blocking=non_blocking)
+        moved._bool = None if self._bool is None else self._bool.to(device, non_blocking=non_blocking)
+        return moved
+
     @property
     def sdpa_is_causal(self) -> bool:
         """True when sdpa's built-in causal mask is exact (no padding, no cache offset)."""

@@ -30,9 +30,11 @@ DEFAULT_SEED = 0
 
 #: Processor outputs that define the token layout: compared exactly between clean and corrupted inputs.
 LAYOUT_KEYS = ("input_ids", "attention_mask", "feature_attention_mask", "image_grid_thw", "video_grid_thw",
-               "video_second_per_grid", "use_audio_in_video")
-#: Feature tensors whose values change under a corruption but whose shapes must not.
-FEATURE_KEYS = ("input_features", "pixel_values", "pixel_values_videos")
+               "video_second_per_grid", "use_audio_in_video",
+               # video-SALMONN 2+ / o1 (model_zoo.video_salmonn_processing)
+               "second_per_grid_ts", "audio_lengths", "org_groups", "real_time")
+#: Feature tensors (or lists of them) whose values change under a corruption but whose shapes must not.
+FEATURE_KEYS = ("input_features", "pixel_values", "pixel_values_videos", "audio_feature", "spectrogram", "images")
 #: Keys whose entries are sequence positions (differences are reported per position).
 _POSITION_KEYS = ("input_ids", "attention_mask")
 
@@ -132,6 +134,13 @@ def _as_array(x: Any) -> np.ndarray:
     return np.asarray(x)
 
 
+def _feature_shape(x: Any) -> Any:
+    """Shape of a feature tensor, or the shapes of a list of them (o1's per-sample frame tensors)."""
+    if isinstance(x, (list, tuple)):
+        return [_feature_shape(v) if v is not None else None for v in x]
+    return tuple(_as_array(x).shape)
+
+
 def _first_index(idx: np.ndarray, shape: tuple[int, ...]) -> str:
     """A readable index: the position alone for [1, pos] tensors, a tuple otherwise."""
     if len(shape) == 2 and shape[0] == 1:
@@ -166,11 +175,12 @@ def layout_differences(clean: Mapping[str, Any], corrupted: Mapping[str, Any]) -
             continue
         if not has_a:
             continue
-        a, b = _as_array(clean[key]), _as_array(corrupted[key])
         if key in FEATURE_KEYS:
-            if a.shape != b.shape:
-                out.append(f"{key} shape {tuple(a.shape)} vs {tuple(b.shape)}")
+            sa, sb = _feature_shape(clean[key]), _feature_shape(corrupted[key])
+            if sa != sb:
+                out.append(f"{key} shape {sa} vs {sb}")
             continue
+        a, b = _as_array(clean[key]), _as_array(corrupted[key])
         if key == "feature_attention_mask" and a.shape == b.shape and a.ndim == 2:
             la, lb = a.sum(-1), b.sum(-1)
             if not np.array_equal(la, lb):

@@ -139,15 +139,27 @@ class HookedAVModel(HookedRootModule):
         checkpoint: str | None = None,
         dtype: torch.dtype | str | None = None,
         device: torch.device | str = "cpu",
+        device_map: str | Mapping[str, Any] | None = None,
+        max_memory: Mapping[Any, Any] | None = None,
+        offload_folder: str | None = None,
         **overrides: Any,
     ) -> "HookedAVModel":
         """Load a preset (`qwen2.5-omni-7b`, ...) from a local checkpoint directory, or a checkpoint directory.
 
         Weights are streamed shard by shard into an empty model, so at most one copy is ever in memory.
+
+        `device_map` spreads one model over several devices with accelerate's big-model dispatch (see
+        `hooked_av.dispatch`): "auto" / "balanced" / "balanced_low_0" / "sequential" (bounded by `max_memory`,
+        e.g. {0: "70GiB", 1: "70GiB", "cpu": "200GiB"}), or a {module name: device} dict such as
+        {"embed": 0, "blocks.0": 0, ..., "blocks.27": 1, "ln_final": 1, "unembed": 1, ...}. Each weight is loaded
+        straight onto its device; modules on "disk" keep their weights in `offload_folder`. Decoder blocks and
+        encoders are never split; hooks fire on the device of the block that computes the activation.
         """
         from model_zoo.registry import load_pretrained
 
-        return load_pretrained(name_or_path, checkpoint=checkpoint, dtype=dtype, device=device, **overrides)
+        return load_pretrained(name_or_path, checkpoint=checkpoint, dtype=dtype, device=device,
+                               device_map=device_map, max_memory=max_memory, offload_folder=offload_folder,
+                               **overrides)
 
     @classmethod
     def from_hf_model(cls, hf_model: nn.Module, **overrides: Any) -> "HookedAVModel":
@@ -244,14 +256,16 @@ class HookedAVModel(HookedRootModule):
         if return_type == "none":
             return None
         if return_type == "last_logits":  # only each row's last valid position: no [pos, vocab] unembedding
-            last = (torch.arange(resid.shape[1], device=resid.device) * inputs.attention_mask.bool()).amax(1)
+            valid = inputs.attention_mask.bool().to(resid.device)
+            last = (torch.arange(resid.shape[1], device=resid.device) * valid).amax(1)
             return self.unembed(resid[torch.arange(resid.shape[0], device=resid.device), last])
         logits = self.unembed(resid)
         if return_type == "logits":
             return logits
         if return_type == "loss":
-            valid = inputs.attention_mask[:, 1:].bool()
-            lp = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), inputs.input_ids[:, 1:], reduction="none")
+            valid = inputs.attention_mask[:, 1:].bool().to(logits.device)
+            lp = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), inputs.input_ids[:, 1:].to(logits.device),
+                                 reduction="none")
             return lp[valid].mean()
         raise ValueError(f"return_type must be 'logits', 'last_logits', 'loss' or 'none', got {return_type!r}")
 
@@ -324,7 +338,7 @@ class HookedAVModel(HookedRootModule):
                 probs = F.softmax(logits.float() / temperature, dim=-1)
                 token = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(device)
             else:
-                token = logits.argmax(dim=-1)
+                token = logits.argmax(dim=-1).to(device)  # the unembedding may sit on another device (device_map)
             token = torch.where(finished, torch.full_like(token, pad), token)
             new_tokens.append(token)
             if eos:
@@ -427,6 +441,12 @@ class HookedAVModel(HookedRootModule):
 
     @property
     def device(self) -> torch.device:
+        """Where inputs go: the token embedding's device (its execution device when the model is dispatched over
+        several devices with a device_map)."""
+        if getattr(self, "hf_device_map", None):
+            from .dispatch import execution_device
+
+            return execution_device(self.embed, default=self.embed.weight.device)
         return self.embed.weight.device
 
     @property

@@ -154,12 +154,17 @@ def load_pretrained(
     dtype: torch.dtype | str | None = None,
     device: torch.device | str = "cpu",
     sinks: SinkConstants | None = None,
+    device_map: Any = None,
+    max_memory: Any = None,
+    offload_folder: str | os.PathLike | None = None,
     **options: Any,
 ) -> Any:
     """Build a HookedAVModel from a preset name plus checkpoint directory, or from a checkpoint directory.
 
     `options` are family-specific loading options (`Family.options`, e.g. video-SALMONN-o1's
-    `vision_checkpoint` / `whisper_checkpoint` for encoder weights kept outside its checkpoint)."""
+    `vision_checkpoint` / `whisper_checkpoint` for encoder weights kept outside its checkpoint).
+    `device_map` (with `max_memory`, `offload_folder`) dispatches the model over several devices
+    (`hooked_av.dispatch`) instead of placing it on `device`."""
     from accelerate import init_empty_weights
 
     found = find_preset(name_or_path) if isinstance(name_or_path, str) else None
@@ -205,12 +210,34 @@ def load_pretrained(
     with init_empty_weights(include_buffers=False):
         model = family.build(hf_config, model_name=model_name, sinks=sinks, dtype=torch_dtype)
     tied = {"unembed.weight": "embed.weight"} if model.cfg.tie_word_embeddings else None
+    if device_map is not None:
+        return _load_dispatched(model, family, checkpoint, torch_dtype, tied, options, device, device_map,
+                                max_memory, offload_folder)
     if family.load_weights is not None:
         family.load_weights(model, checkpoint, dtype=torch_dtype, device=device, tied=tied, **options)
     else:
         load_into(model, checkpoint, family.key_mapper(model.cfg), torch_dtype, device, tied=tied)
     model.cfg.device = str(device)
     return model.to(device).eval()
+
+
+def _load_dispatched(model: Any, family: Family, checkpoint: str | os.PathLike, dtype: torch.dtype,
+                     tied: dict[str, str] | None, options: dict[str, Any], device: Any, device_map: Any,
+                     max_memory: Any, offload_folder: str | os.PathLike | None) -> Any:
+    """Load the weights of an empty model straight onto the devices of a device_map, then dispatch it."""
+    from hooked_av import dispatch
+
+    if str(device) != "cpu":
+        raise ValueError(f"pass device= or device_map=, not both (device={device!r}, device_map={device_map!r})")
+    resolved = dispatch.resolve_device_map(model, device_map, max_memory=max_memory, dtype=dtype)
+    if family.load_weights is not None:  # family loaders take one device: stage on the CPU, dispatch moves them
+        family.load_weights(model, checkpoint, dtype=dtype, device="cpu", tied=tied, **options)
+    else:
+        load_into(model, checkpoint, family.key_mapper(model.cfg), dtype,
+                  lambda name: dispatch.loading_device(resolved, name), tied=tied)
+    dispatch.dispatch(model.eval(), resolved, offload_folder=offload_folder)
+    model.cfg.device = str(model.device)
+    return model
 
 
 def _normalised(value: Any) -> Any:

@@ -45,6 +45,7 @@ from torch import Tensor
 
 from .. import hook_names
 from ..components import KVCache, apply_rotary
+from ..dispatch import execution_device, parameter
 from ..inputs import LayoutError
 from .patching import GPU_BATCH, SITES, CleanActivations, Site
 
@@ -254,7 +255,7 @@ def restored_logits(
             logits, _ = _partial_pass(model, corrupt.inputs, corrupt.embeds, corrupt, clean,
                                       [plans[i] for i in chunk], drop=drop, site=site, patch_layers=patch_layers,
                                       captured=captured if needs_capture else None, keep_kv=False)
-            out[chunk] = logits
+            out[chunk] = logits.to(out.device)
     return out
 
 
@@ -326,6 +327,14 @@ def _stage_rows(model: Any, inputs: Any, per_run: list[Tensor], patched: list[Te
     return _Rows(pos.to(device), cos, sin, answer.to(device), (as_t(pb), as_t(pr), as_t(ps)))
 
 
+def _rows_on(rows: _Rows, device: torch.device) -> _Rows:
+    """The same rows with their tensors on `device` (the device of the block at hand under a device_map)."""
+    if rows.pos.device == device:
+        return rows
+    move = lambda t: t.to(device)  # noqa: E731
+    return _Rows(move(rows.pos), move(rows.cos), move(rows.sin), move(rows.answer), tuple(map(move, rows.patch)))
+
+
 def _with_scratch(x: Tensor) -> Tensor:
     """[1, T, ...] -> [T + 1, ...]: a zero slot at T for padded rows."""
     return torch.cat([x[0], x.new_zeros(1, *x.shape[2:])], dim=0)
@@ -372,16 +381,21 @@ def _partial_pass(
     resid = embeds[0][rows.pos.clamp(max=t - 1)]  # [batch, rows, d_model]
     kept: list[tuple[Tensor, Tensor]] = []
     for layer, block in enumerate(model.blocks):
+        # under a device_map each block computes on its own device: bring what this layer combines there
+        dev = execution_device(block, default=resid.device)
+        resid, b_idx, dropped = resid.to(dev), b_idx.to(dev), dropped.to(dev)
         if layer == drop and early is not None:
             rows = late
             resid = resid.gather(1, late_in_early.to(resid.device)[..., None].expand(-1, -1, resid.shape[-1]))
+        rows = _rows_on(rows, dev)
         attn = block.attn
         patch = site is not None and captured is not None and (layer in patch_layers or layer >= drop)
         pb, pr, ps = rows.patch
         patch = patch and len(pb) > 0
 
         def cap(name: str) -> Tensor:
-            return captured.values[hook_names.block(layer, name)][ps]
+            values = captured.values[hook_names.block(layer, name)]
+            return values[ps.to(values.device)].to(dev)
 
         x = resid
         if patch and site == "resid_pre":
@@ -390,7 +404,7 @@ def _partial_pass(
         h = block.ln1(x)
         if patch and site == "before_attn":
             h = h.clone()
-            h[pb, pr] = block.ln1.weight * cap("ln1.hook_normalized").to(h.dtype)
+            h[pb, pr] = parameter(block.ln1).to(h.device) * cap("ln1.hook_normalized").to(h.dtype)
         n, w = h.shape[:2]
         k = attn.k_proj(h).view(n, w, cfg.n_key_value_heads, cfg.d_head)
         v = attn.v_proj(h).view(n, w, cfg.n_key_value_heads, cfg.d_head)
@@ -400,14 +414,14 @@ def _partial_pass(
             v[pb, pr] = cap("attn.hook_v").to(v.dtype)
         if cfg.qk_norm:
             k = attn.k_norm(k)
-        k = apply_rotary(k, rows.cos, rows.sin)
+        k, v = apply_rotary(k.to(dev), rows.cos, rows.sin), v.to(dev)
         if keep_kv:
             kept.append((k, v))
-        keys = _with_scratch(base.keys[layer]).expand(batch, -1, -1, -1).clone()  # [batch, T + 1, kv, d_head]
-        vals = _with_scratch(base.values[layer]).expand(batch, -1, -1, -1).clone()
+        keys = _with_scratch(base.keys[layer].to(dev)).expand(batch, -1, -1, -1).clone()  # [batch, T + 1, kv, d]
+        vals = _with_scratch(base.values[layer].to(dev)).expand(batch, -1, -1, -1).clone()
         if layer >= drop and width and clean is not None:
-            keys[b_idx[:, None], dropped] = _with_scratch(clean.keys[layer])[dropped]
-            vals[b_idx[:, None], dropped] = _with_scratch(clean.values[layer])[dropped]
+            keys[b_idx[:, None], dropped] = _with_scratch(clean.keys[layer].to(dev))[dropped]
+            vals[b_idx[:, None], dropped] = _with_scratch(clean.values[layer].to(dev))[dropped]
         keys[b_idx[:, None], rows.pos] = k
         vals[b_idx[:, None], rows.pos] = v
         last = layer == n_layers - 1
@@ -421,7 +435,7 @@ def _partial_pass(
         q = attn.q_proj(h).view(h.shape[0], h.shape[1], cfg.n_heads, cfg.d_head)
         if cfg.qk_norm:
             q = attn.q_norm(q)
-        q = apply_rotary(q, cos, sin)
+        q = apply_rotary(q.to(dev), cos, sin)
         if last:
             z = F.scaled_dot_product_attention(q.transpose(1, 2), keys.transpose(1, 2), vals.transpose(1, 2),
                                                scale=attn.scale, enable_gqa=cfg.n_rep > 1).transpose(1, 2)
@@ -431,7 +445,7 @@ def _partial_pass(
             z = F.scaled_dot_product_attention(queries.transpose(1, 2), keys.transpose(1, 2), vals.transpose(1, 2),
                                                is_causal=True, scale=attn.scale, enable_gqa=cfg.n_rep > 1)
             z = z.transpose(1, 2)[b_idx[:, None], rows.pos]  # [batch, rows, head, d_head]
-        attn_out = attn.o_proj(z.reshape(z.shape[0], z.shape[1], cfg.n_heads * cfg.d_head))
+        attn_out = attn.o_proj(z.reshape(z.shape[0], z.shape[1], cfg.n_heads * cfg.d_head)).to(dev)
         if patch and site in ("attn_out", "mlp_out"):
             if last:  # only the answer row is left; patch it if it is in S
                 hit = rows.answer[pb] == pr
@@ -440,18 +454,20 @@ def _partial_pass(
                 sel, src = (pb, pr), ps
         if patch and site == "attn_out":
             attn_out = attn_out.clone()
-            attn_out[sel] = captured.values[hook_names.block(layer, "hook_attn_out")][src].to(attn_out.dtype)
+            values = captured.values[hook_names.block(layer, "hook_attn_out")]
+            attn_out[sel] = values[src.to(values.device)].to(dev, attn_out.dtype)
         resid = x + attn_out
-        mlp_out = block.run_mlp(block.ln2(resid))
+        mlp_out = block.run_mlp(block.ln2(resid)).to(dev)
         if patch and site == "mlp_out":
             mlp_out = mlp_out.clone()
-            mlp_out[sel] = captured.values[hook_names.block(layer, "hook_mlp_out")][src].to(mlp_out.dtype)
+            values = captured.values[hook_names.block(layer, "hook_mlp_out")]
+            mlp_out[sel] = values[src.to(values.device)].to(dev, mlp_out.dtype)
         resid = resid + mlp_out
         write = writes.get(layer)
         if write is not None:
             at = rows.pos.clamp(max=t - 1)
             if last:
                 at = at[b_idx, rows.answer][:, None]
-            resid = resid + write[0][at].to(resid.dtype)
+            resid = resid + write[0][at.to(write.device)].to(dev, resid.dtype)
     logits = model.unembed(model.ln_final(resid))[:, 0]  # [batch, vocab]
     return logits, kept
