@@ -110,6 +110,15 @@ def _ray_options(args: argparse.Namespace) -> Any:
                       fault_file=os.environ.get("HOOKED_AV_RAY_FAULT_FILE"))
 
 
+def _run_on_ray(args: argparse.Namespace, job: Any, ids: Any) -> Path:
+    """Run a study job over `ids` on Ray (`distributed.run_sharded`); the merged records' path."""
+    from .distributed import run_sharded
+
+    done = run_sharded(job, ids, args.out, _ray_options(args), resume=not args.no_resume)
+    print(f"Ray: {done.summary()}")
+    return done.path
+
+
 def _ray_load(command: str, argv: dict[str, Any]) -> tuple[Any, Any, dict[str, Any]]:
     """What each Ray actor loads for a `dominance` / `trace` command line: (model, source, run info), exactly as
     the single-process command does."""
@@ -296,13 +305,8 @@ def cmd_dominance(args: argparse.Namespace) -> int:
 
     settings = DominanceSettings(mode=args.mode, seed=args.seed, max_new_tokens=args.max_new_tokens)
     if _on_ray(args):
-        from .distributed import run_sharded
-
         ids = list(dict.fromkeys(s.sample_id for s in _listed(args)))
-        done = run_sharded(_ray_job("dominance", "dominance", args, settings), ids, args.out, _ray_options(args),
-                           resume=not args.no_resume)
-        print(f"Ray: {done.summary()}")
-        path = done.path
+        path = _run_on_ray(args, _ray_job("dominance", "dominance", args, settings), ids)
     else:
         rt = _runtime(args)
         source, _ = _source(args, rt)
@@ -365,14 +369,9 @@ def cmd_trace(args: argparse.Namespace) -> int:
 
     history = Path(args.out) / "history" if args.history else None
     if _on_ray(args):
-        from .distributed import run_sharded
-
         job = _ray_job("trace", "tracing", args, _trace_settings(args),
                        history_dir=str(history.resolve()) if history else None)
-        done = run_sharded(job, to_trace(_dominance_records(args, _listed(args))), args.out, _ray_options(args),
-                           resume=not args.no_resume)
-        print(f"Ray: {done.summary()}")
-        path = done.path
+        path = _run_on_ray(args, job, to_trace(_dominance_records(args, _listed(args))))
     else:
         rt = _runtime(args)
         source, samples = _source(args, rt)

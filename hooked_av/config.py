@@ -49,6 +49,12 @@ class TokenIds:
     eos: int | None = None
     pad: int | None = None
 
+    def require(self, *fields: str) -> None:
+        """Raise ValueError naming the fields among `fields` that are unset (a processor needs those ids)."""
+        missing = [f for f in fields if getattr(self, f) is None]
+        if missing:
+            raise ValueError(f"token_ids lacks {', '.join(missing)} (take them from the model's cfg.token_ids)")
+
     def special_ids(self) -> set[int]:
         """Ids of the modality delimiters (labelled 'special' in a ModalityMap)."""
         ids = (self.audio_start, self.audio_end, self.vision_start, self.vision_end)

@@ -186,10 +186,7 @@ class Qwen25OmniMediaProcessor:
         from transformers import WhisperFeatureExtractor
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-        missing = [f for f in ("audio", "video", "image", "audio_start", "audio_end", "vision_start", "vision_end")
-                   if getattr(token_ids, f) is None]
-        if missing:
-            raise ValueError(f"token_ids lacks {', '.join(missing)} (take them from the model's cfg.token_ids)")
+        token_ids.require("audio", "video", "image", "audio_start", "audio_end", "vision_start", "vision_end")
         self.token_ids = token_ids
         self.tokenizer = tokenizer
         self.settings = dataclasses.replace(settings or OmniProcessorSettings(), **overrides)

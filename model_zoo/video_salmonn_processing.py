@@ -174,9 +174,7 @@ class Salmonn2MediaProcessor:
                  settings: Salmonn2ProcessorSettings | None = None, **overrides: Any):
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-        missing = [f for f in ("audio", "video", "vision_start", "vision_end") if getattr(token_ids, f) is None]
-        if missing:
-            raise ValueError(f"token_ids lacks {', '.join(missing)} (take them from the model's cfg.token_ids)")
+        token_ids.require("audio", "video", "vision_start", "vision_end")
         self.token_ids = token_ids
         self.tokenizer = tokenizer
         self.settings = dataclasses.replace(settings or Salmonn2ProcessorSettings(), **overrides)
