@@ -83,7 +83,32 @@ def resolve_device_map(
     if left:
         raise DeviceMapError(f"device_map leaves {len(left)} parameter(s) without a device, e.g. {left[:3]}; "
                              "map their modules too (or '' for the rest)")
+    if "" in resolved and len(resolved) > 1:
+        return _partition(model, resolved)
     return resolved
+
+
+def _partition(model: nn.Module, device_map: Mapping[str, Any]) -> DeviceMap:
+    """A map with '' for "the rest" as accelerate's dispatch needs it: disjoint entries covering every
+    parameter and buffer ('' itself would put the whole model on its device, over the named modules)."""
+    rest = device_map[""]
+    named = {k: v for k, v in device_map.items() if k}
+    out: DeviceMap = {}
+
+    def visit(prefix: str, module: nn.Module) -> None:
+        for name, child in module.named_children():
+            full = f"{prefix}{name}"
+            if full in named:
+                out[full] = named[full]
+            elif any(k.startswith(full + ".") for k in named):
+                visit(full + ".", child)
+            elif any(True for _ in child.parameters()) or any(True for _ in child.buffers()):
+                out[full] = rest
+        for name, _ in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+            out[f"{prefix}{name}"] = named.get(f"{prefix}{name}", rest)
+
+    visit("", model)
+    return out
 
 
 def _device_entry(device_map: Mapping[str, Any], name: str) -> Any:
