@@ -78,6 +78,15 @@ class Example:
 
 
 @dataclass
+class LookupItem:
+    """A text sequence of the lookup mixture: processor-style inputs (input_ids, attention_mask of [1, pos]) and
+    the supervised (position, next-token id) pairs."""
+
+    inputs: dict[str, Any]
+    targets: list[tuple[int, int]]
+
+
+@dataclass
 class TrainConfig:
     out: str
     seed: int = 0
@@ -104,6 +113,12 @@ class TrainConfig:
     aux_weight: float = 0.0
     attn_layers: tuple[int, ...] = ()
     attn_weight: float = 0.0
+    #: text lookups mixed into the task stage (weight `lookup_weight`, `lookup_batch` sequences per step, drawn
+    #: from the `lookup` pool given to `train`): the options once, then several "class -> letter" turns, every
+    #: letter supervised. They teach the copy of the named option's letter densely; the clips teach finding it.
+    lookup_weight: float = 0.0
+    lookup_batch: int = 4
+    lookup_pool: int = 0  # the pool's size (recorded so that a resumed run checks it has the same pool)
     save_every: int = 25
     log_every: int = 5
     threads: int = 2
@@ -200,10 +215,12 @@ def prefix_last_logits(model: Any, prefixes: Sequence[_Prefix], lora_from: int) 
 
 
 def prefix_forward(model: Any, prefixes: Sequence[_Prefix], lora_from: int, aux_layer: int | None = None,
-                   attn_layers: Sequence[int] = ()) -> tuple[Tensor, dict[str, Any]]:
+                   attn_layers: Sequence[int] = (), at: Sequence[Sequence[int]] | None = None
+                   ) -> tuple[Tensor, dict[str, Any]]:
     """`prefix_last_logits`, also returning what the lookup scaffold reads: `resid` (the right-padded residual
     entering block `aux_layer`, [batch, pos, d_model]), `rows` (each item's length) and `qk` ({layer: (rotated
-    query of the last position [batch, head, d_head], rotated keys [batch, pos, kv_head, d_head])})."""
+    query of the last position [batch, head, d_head], rotated keys [batch, pos, kv_head, d_head])}).
+    With `at` (positions per item), the logits are those of these positions, concatenated item after item."""
     from hooked_av.components import AttentionMask
 
     n = max(p.resid.shape[0] for p in prefixes)
@@ -238,6 +255,10 @@ def prefix_forward(model: Any, prefixes: Sequence[_Prefix], lora_from: int, aux_
             resid = block(resid, rotary, mask, None)
     for layer in attn_layers:
         extra["qk"][layer] = (captured[(layer, "q")][batch, last], captured[(layer, "k")])
+    if at is not None:
+        rows_at = torch.tensor([b for b, pos in enumerate(at) for _ in pos], dtype=torch.long)
+        cols_at = torch.tensor([p for pos in at for p in pos], dtype=torch.long)
+        return model.unembed(model.ln_final(resid[rows_at, cols_at])), extra
     return model.unembed(model.ln_final(resid[batch, last])), extra
 
 
@@ -316,9 +337,11 @@ def trainable_state(model: Any) -> dict[str, Tensor]:
 
 def train(model: Any, tokenizer: Any, examples: Sequence[Example], cfg: TrainConfig,
           evaluate: Callable[[Any], dict[str, float]] | None = None,
-          evaluate_towers: Callable[[Any], dict[str, float]] | None = None) -> Path:
+          evaluate_towers: Callable[[Any], dict[str, float]] | None = None,
+          lookup: Sequence[LookupItem] = ()) -> Path:
     """Run both stages (resuming from `<out>/state.pt` if present); returns the deltas file. `evaluate(model)`
-    is logged at the end, `evaluate_towers(model)` at the end of the alignment stage."""
+    is logged at the end, `evaluate_towers(model)` at the end of the alignment stage; `lookup` is the pool of
+    text lookups mixed into the task stage when `cfg.lookup_weight` > 0 (`cfg.lookup_pool` must be its size)."""
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
@@ -348,6 +371,9 @@ def train(model: Any, tokenizer: Any, examples: Sequence[Example], cfg: TrainCon
     if scaffold and not all(cfg.lora_from <= x < len(model.blocks)
                             for x in [*cfg.attn_layers, *([cfg.aux_layer] if cfg.aux_weight > 0 else [])]):
         raise ValueError(f"aux_layer and attn_layers must lie in [lora_from={cfg.lora_from}, {len(model.blocks)})")
+    if cfg.lookup_weight > 0 and (not lookup or len(lookup) != cfg.lookup_pool):
+        raise ValueError(f"lookup_weight > 0 needs the pool of text lookups: lookup_pool={cfg.lookup_pool}, "
+                         f"got {len(lookup)} item(s)")
     heads = ScaffoldHeads(model.cfg.d_model)
     opt_heads = torch.optim.AdamW(heads.parameters(), lr=cfg.lr)
     layouts: dict[int, tuple[list[tuple[int, int, int]], int] | None] = {}
@@ -372,7 +398,7 @@ def train(model: Any, tokenizer: Any, examples: Sequence[Example], cfg: TrainCon
     model.train()
     bar = tqdm(total=total, initial=step, desc="organism")
     t0 = time.perf_counter()
-    prefixes: dict[tuple[int, str], _Prefix] | None = None  # frozen-prefix states, computed on first use
+    prefixes: dict[tuple[Any, Any], _Prefix] | None = None  # frozen-prefix states, computed on first use
     while step < total:
         if step < cfg.align_steps:
             stage, opt = "align", opt_align
@@ -409,6 +435,22 @@ def train(model: Any, tokenizer: Any, examples: Sequence[Example], cfg: TrainCon
                                               [layouts[i] and layouts[i][1] for i in idx], heads)
                 parts = {"answer": float(loss.detach()), "probe": float(probe.detach()), "attn": float(attn.detach())}
                 loss = loss + cfg.aux_weight * probe + cfg.attn_weight * attn
+            if cfg.lookup_weight > 0:
+                picked = rng.sample(range(len(lookup)), min(cfg.lookup_batch, len(lookup)))
+                missing = [j for j in picked if ("lookup", j) not in prefixes]
+                if missing:
+                    model.eval()
+                    prefixes.update(zip([("lookup", j) for j in missing], prefix_states(
+                        model, [lookup[j].inputs for j in missing], cfg.lora_from, batch_size=len(missing))))
+                    model.train()
+                text_logits, _ = prefix_forward(model, [prefixes[("lookup", j)] for j in picked], cfg.lora_from,
+                                                at=[[p for p, _ in lookup[j].targets] for j in picked])
+                text_target = torch.tensor([t for j in picked for _, t in lookup[j].targets])
+                text_loss = F.cross_entropy(text_logits.float(), text_target)
+                parts = {**(parts if scaffold else {"answer": float(loss.detach())}),
+                         "lookup": float(text_loss.detach()),
+                         "lookup_acc": float((text_logits.argmax(-1) == text_target).float().mean())}
+                loss = loss + cfg.lookup_weight * text_loss
         opt.zero_grad(set_to_none=True)
         opt_heads.zero_grad(set_to_none=True)
         loss.backward()
@@ -421,7 +463,7 @@ def train(model: Any, tokenizer: Any, examples: Sequence[Example], cfg: TrainCon
         if step % cfg.log_every == 0 or step == total:
             rec = {"step": step, "stage": stage, "loss": float(loss.detach()), "acc": acc,
                    "seconds": round(time.perf_counter() - t0, 1)}
-            if stage == "task" and scaffold:
+            if stage == "task" and (scaffold or cfg.lookup_weight > 0):
                 rec["parts"] = parts
             for fn, due in ((evaluate_towers, step == cfg.align_steps), (evaluate, step == total)):
                 if fn is not None and due:

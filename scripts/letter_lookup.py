@@ -5,7 +5,7 @@ class among them and copy its letter. This experiment removes the audio and vide
 before the official question. It reports the zero-shot accuracy of the base organism's language model on held-out
 prompts, then trains LoRA adapters on blocks >= --lora-from on text sequences that carry the options once and then
 --turns (class -> letter) exchanges, every letter supervised, evaluating single-question held-out prompts every
---eval-every steps. With --distinct the classes of a sequence's turns differ, so a turn cannot copy an earlier
+--eval-every steps (the answer of turn --eval-turn). With --distinct the classes of a sequence's turns differ, so a turn cannot copy an earlier
 answer. Seeded; prints one line per evaluation (step, accuracy, seconds) and writes them as JSON to --out.
 
     .venv/bin/python scripts/letter_lookup.py [--lora-from 18] [--steps 100] [--turns 12] [--distinct]
@@ -47,6 +47,9 @@ def main() -> None:
     ap.add_argument("--distinct", action="store_true")
     ap.add_argument("--eval-prompts", type=int, default=60)
     ap.add_argument("--eval-every", type=int, default=50)
+    ap.add_argument("--eval-turn", type=int, default=1,
+                    help="evaluate the answer of turn K of K-turn held-out sequences (distinct classes); 1: the "
+                         "official single-question prompt, with the class written before the options")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(ROOT / "runs" / "letter_lookup.json"))
     args = ap.parse_args()
@@ -57,12 +60,12 @@ def main() -> None:
     tok, model = rt.tokenizer, rt.model
     letter_ids = [tok.encode(x, add_special_tokens=False)[0] for x in LETTERS]
 
-    def sequence(rng: random.Random, turns: int) -> tuple[list[int], list[tuple[int, int]]]:
+    def sequence(rng: random.Random, turns: int, distinct: bool = args.distinct) -> tuple[list[int], list[tuple[int, int]]]:
         names = list(CLASS_NAMES)
         rng.shuffle(names)
         choices = dict(zip(LETTERS, names))
         letter_of = {v: LETTERS.index(k) for k, v in choices.items()}
-        asked = rng.sample(names, turns) if args.distinct else [rng.choice(names) for _ in range(turns)]
+        asked = rng.sample(names, turns) if distinct else [rng.choice(names) for _ in range(turns)]
         ids = tok.encode(f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\nThe clip: {asked[0]}.\n"
                          f"{official_prompt(choices, 1)}<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)
         supervised = []
@@ -92,7 +95,10 @@ def main() -> None:
     @torch.no_grad()
     def evaluate() -> float:
         rng = random.Random(EVAL_SEED)
-        items = [sequence(rng, 1) for _ in range(args.eval_prompts)]
+        items = []
+        for _ in range(args.eval_prompts):
+            ids, sup = sequence(rng, args.eval_turn, distinct=True)
+            items.append((ids[:sup[-1][0] + 1], sup[-1:]))
         hits = 0
         for i in range(0, len(items), args.batch_size):
             chunk = items[i:i + args.batch_size]

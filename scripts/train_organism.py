@@ -165,6 +165,42 @@ def evaluate(model, examples) -> dict[str, float]:
     return out
 
 
+def lookup_pool(tokenizer, n: int, turns: int, seed: int) -> list:
+    """`n` text lookups for the task stage's mixture (seeded): the official prompt over a random permutation of
+    the classes, with "The clip: <class>." before it, then `turns` - 1 more "The clip: <class>." user turns;
+    the classes of a sequence differ, and each answer letter is supervised."""
+    from analyses.avsynth import CLASS_NAMES
+    from analyses.datasets import SYSTEM_PROMPT, official_prompt
+    from model_zoo.organism_train import LETTERS, LookupItem
+
+    if not 1 <= turns <= len(CLASS_NAMES):
+        raise ValueError(f"lookup turns must be in [1, {len(CLASS_NAMES)}], got {turns}")
+    letter_ids = [tokenizer.encode(x, add_special_tokens=False)[0] for x in LETTERS]
+    rng = random.Random(seed)
+    pool = []
+    for _ in range(n):
+        names = list(CLASS_NAMES)
+        rng.shuffle(names)
+        choices = dict(zip(LETTERS, names))
+        asked = rng.sample(names, turns)
+        ids = tokenizer.encode(f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\nThe clip: "
+                               f"{asked[0]}.\n{official_prompt(choices, 1)}<|im_end|>\n<|im_start|>assistant\n",
+                               add_special_tokens=False)
+        targets = []
+        for i, name in enumerate(asked):
+            if i:
+                ids += tokenizer.encode(f"<|im_end|>\n<|im_start|>user\nThe clip: {name}.<|im_end|>\n"
+                                        "<|im_start|>assistant\n", add_special_tokens=False)
+            letter = letter_ids[names.index(name)]
+            targets.append((len(ids) - 1, letter))
+            ids.append(letter)
+        ids = ids[:-1]  # the last letter is a target, not an input
+        pool.append(LookupItem({"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids),
+                                                                                               dtype=torch.long)},
+                               targets))
+    return pool
+
+
 def main() -> None:
     from analyses import avsynth
     from analyses.runtime import load_runtime
@@ -189,6 +225,11 @@ def main() -> None:
     ap.add_argument("--attn-layers", type=int, nargs="*", default=[],
                     help="lookup scaffold: blocks whose answer-position attention is pulled to the right option")
     ap.add_argument("--attn-weight", type=float, default=0.0, help="lookup scaffold: weight of that attention loss")
+    ap.add_argument("--lookup-weight", type=float, default=0.0,
+                    help="weight of the text lookups mixed into the task stage (0: none)")
+    ap.add_argument("--lookup-pool", type=int, default=300, help="text lookups in the pool")
+    ap.add_argument("--lookup-batch", type=int, default=4, help="text lookups per step")
+    ap.add_argument("--lookup-turns", type=int, default=12, help="class -> letter turns per text lookup")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-install", action="store_true", help="do not copy the result to model_zoo/organism_deltas")
     args = ap.parse_args()
@@ -207,9 +248,12 @@ def main() -> None:
     cfg = TrainConfig(out=str(out / "train"), seed=args.seed, align_steps=args.align_steps, steps=args.steps,
                       batch_size=args.batch_size, lr=args.lr, lora_rank=args.lora_rank, lora_from=args.lora_from,
                       align_batch_size=args.align_batch_size, aux_layer=args.aux_layer,
-                      aux_weight=args.aux_weight, attn_layers=tuple(args.attn_layers), attn_weight=args.attn_weight)
+                      aux_weight=args.aux_weight, attn_layers=tuple(args.attn_layers), attn_weight=args.attn_weight,
+                      lookup_weight=args.lookup_weight, lookup_batch=args.lookup_batch,
+                      lookup_pool=args.lookup_pool if args.lookup_weight > 0 else 0)
+    pool = lookup_pool(rt.tokenizer, cfg.lookup_pool, args.lookup_turns, args.seed) if cfg.lookup_pool else []
     deltas = train(rt.model, rt.tokenizer, train_ex, cfg,
-                   evaluate_towers=lambda m: tower_accuracy(m, rt.tokenizer, val_ex, train_ex))
+                   evaluate_towers=lambda m: tower_accuracy(m, rt.tokenizer, val_ex, train_ex), lookup=pool)
     result = {"val": evaluate(rt.model, val_ex), "config": vars(args)}
     # sink constants from the trained model on val clips
     trained = out / "trained"

@@ -8,8 +8,8 @@ from safetensors.torch import load_file
 
 from hooked_av import HookedAVModel
 from model_zoo import lora
-from model_zoo.organism_train import (Example, ScaffoldHeads, TrainConfig, option_layout, prefix_forward,
-                                      prefix_last_logits, prefix_states, scaffold_losses, trainable_state, train)
+from model_zoo.organism_train import (Example, LookupItem, ScaffoldHeads, TrainConfig, option_layout,
+                                      prefix_forward, prefix_last_logits, prefix_states, scaffold_losses, trainable_state, train)
 from model_zoo.tiny import TinyTokenizer, build_inputs, tiny_hf_thinker
 
 
@@ -168,3 +168,34 @@ def test_scaffold_rejects_layers_below_the_adapters(tmp_path):
     with pytest.raises(ValueError, match="attn_layers must lie in"):
         train(HookedAVModel.from_hf_model(tiny_hf_thinker(seed=0)), TinyTokenizer(), mc_examples(),
               TrainConfig(out=str(tmp_path), lora_from=1, attn_layers=(0,), attn_weight=1.0))
+
+
+def _text_lookups(n, length=12):
+    """Text items with three supervised positions each (the tiny tokenizer's ids, random but seeded)."""
+    gen = torch.Generator().manual_seed(1)
+    items = []
+    for _ in range(n):
+        ids = torch.randint(3, 60, (1, length), generator=gen)
+        items.append(LookupItem({"input_ids": ids, "attention_mask": torch.ones_like(ids)},
+                                [(3, int(ids[0, 4])), (7, int(ids[0, 8])), (length - 1, 65)]))
+    return items
+
+
+def test_lookup_mixture_reads_the_supervised_positions_and_trains(tmp_path):
+    model = HookedAVModel.from_hf_model(tiny_hf_thinker(seed=0)).eval()
+    pool = _text_lookups(3)
+    with torch.no_grad():
+        states = prefix_states(model, [x.inputs for x in pool[:2]], 1, store_dtype=torch.float32)
+        logits, _ = prefix_forward(model, states, 1, at=[[p for p, _ in x.targets] for x in pool[:2]])
+        full = [model(**x.inputs)[0] for x in pool[:2]]
+    want = torch.stack([full[b][p] for b, x in enumerate(pool[:2]) for p, _ in x.targets])
+    torch.testing.assert_close(logits, want, rtol=1e-5, atol=1e-5)
+
+    cfg = TrainConfig(out=str(tmp_path), align_steps=1, steps=3, batch_size=2, lora_rank=2, log_every=1, warmup=1,
+                      lora_from=1, lookup_weight=1.0, lookup_batch=2, lookup_pool=len(pool))
+    train(HookedAVModel.from_hf_model(tiny_hf_thinker(seed=0)), TinyTokenizer(), mc_examples(), cfg, lookup=pool)
+    task = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines() if '"task"' in x]
+    assert len(task) == 3 and all(r["parts"]["lookup"] > 0 and 0 <= r["parts"]["lookup_acc"] <= 1 for r in task)
+    with pytest.raises(ValueError, match="lookup_pool=3, got 2 item"):
+        train(HookedAVModel.from_hf_model(tiny_hf_thinker(seed=0)), TinyTokenizer(), mc_examples(),
+              TrainConfig(**{**vars(cfg), "out": str(tmp_path / "b")}), lookup=pool[:2])
