@@ -3,11 +3,12 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# ray is an optional extra of the package (analyses/distributed.py); the tests run a local instance.
 # torch is named in the same pip command as transformer-lens and nnsight, or pip would pick a multi-GB CUDA build.
 TORCH  ?= torch==2.13.0
 DEPS   := "$(TORCH)" "transformers>=5.9,<6" "transformer-lens>=4.3,<5" "nnsight>=0.8" accelerate safetensors \
           einops jaxtyping tqdm pytest matplotlib pillow "decord==0.6.0" av soundfile "gguf==0.19.0" \
-          nbformat nbclient ipykernel
+          nbformat nbclient ipykernel "ray>=2.9"
 # tinysoundfont's only dependency (pyaudio) does not build without portaudio and is not needed to render audio
 NODEPS := "tinysoundfont==0.3.7"
 
