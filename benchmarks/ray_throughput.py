@@ -10,7 +10,7 @@ On a laptop this measures the overhead, not a speed-up: one process already uses
 products (torch threads = cores), and N actors with one thread each share the same cores. The gain of Ray is on
 a cluster, where each actor has a GPU of its own.
 
-    .venv/bin/python benchmarks/ray_throughput.py [--model organism] [--clips 24] [--actors 2]
+    .venv/bin/python benchmarks/ray_throughput.py [--model DIR] [--clips 24] [--actors 2]
 
 Writes benchmarks/results/ray_throughput.json (with the settings, the seed and the machine's core count).
 """
@@ -44,7 +44,7 @@ def predictions(out: Path) -> list[tuple[str, dict]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="organism")
+    ap.add_argument("--model", default=str(ROOT / ".assets" / "organism"), help="a preset or checkpoint folder")
     ap.add_argument("--clips", type=int, default=24)
     ap.add_argument("--actors", type=int, default=2)
     ap.add_argument("--seconds", type=int, default=6, help="clip length")
