@@ -3,7 +3,7 @@
 layer among audio / video / text tokens. Writes `model_zoo/organism_deltas/evaluation.json` (committed beside the
 deltas) and prints it.
 
-    .venv/bin/python scripts/evaluate_organism.py [--clips 600] [--out runs/organism_eval]
+    .venv/bin/python scripts/evaluate_organism.py [--clips 600] [--limit N] [--out runs/organism_eval]
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--clips", type=int, default=600)
+    ap.add_argument("--limit", type=int, default=None, help="evaluate only the first N of the generated clips")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--out", default=str(ROOT / "runs" / "organism_eval"))
     ap.add_argument("--organism", default=str(ROOT / ".assets" / "organism"))
@@ -39,7 +40,7 @@ def main() -> None:
     if not (data / "avsynth" / "test_mc.json").exists():
         avsynth.generate(data, n_train=0, n_val=0, n_test=args.clips, seed=args.seed, duration=CLIP_SECONDS)
     rt = load_runtime(args.organism, seed=0)
-    samples = load_vggsound_mc(data / "avsynth" / "test_mc.json", media_root=data)
+    samples = load_vggsound_mc(data / "avsynth" / "test_mc.json", media_root=data)[:args.limit]
     source = VGGSoundSource(samples, rt.process, rt.tokenizer)
     path = run_dominance(rt.model, source, out, DominanceSettings(seed=0), run_info=rt.info)
     recs = RecordStore(path).read()
