@@ -4,7 +4,6 @@ runs exactly, a killed actor's samples are redone elsewhere, a rerun skips what 
 run is refused."""
 
 import json
-import logging
 import os
 import subprocess
 import sys
@@ -16,7 +15,7 @@ import torch
 
 from analyses.cli import main
 from analyses.distributed import (
-    RayOptions, RayUnavailableError, ShardMismatchError, ShardStore, StudyJob, check_reachable, fingerprint,
+    RayOptions, RayUnavailableError, ShardMismatchError, ShardStore, StudyJob, check_reachable, connect, fingerprint,
     import_ray, read_shard, run_sharded, shard_name, shard_of,
 )
 from test_cli import _common, make_dataset
@@ -94,10 +93,10 @@ def test_cli_reports_an_unreachable_address_in_one_line(tmp_path, capsys):
 def ray_local():
     """One local Ray instance with 2 CPUs for the module (the CLI and run_sharded keep an existing connection);
     its workers can import this test folder's modules."""
-    ray = pytest.importorskip("ray", reason="Ray is an optional extra (make test installs it)")
+    pytest.importorskip("ray", reason="Ray is an optional extra (make test installs it)")
     path = os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
-             runtime_env={"env_vars": {"PYTHONPATH": path}})
+    ray, started = connect(None, local_cpus=2, runtime_env={"env_vars": {"PYTHONPATH": path}})
+    assert started
     yield ray
     ray.shutdown()
 
