@@ -418,7 +418,8 @@ def train(model: Any, tokenizer: Any, examples: Sequence[Example], cfg: TrainCon
             for i in idx:
                 usable = sorted(examples[i].variants)
                 keys.append((i, rng.choice(usable) if usable and rng.random() < cfg.p_unimodal else "av"))
-            chosen = _prefixes(model, examples, keys, prefixes, cfg.lora_from)
+            chosen = _prefixes(model, keys, prefixes, cfg.lora_from, lambda k: examples[k[0]].inputs
+                               if k[1] == "av" else examples[k[0]].variants[k[1]])
             for g in opt.param_groups:
                 g["lr"] = _cosine_lr(step - cfg.align_steps, cfg.steps, cfg.lr, cfg.warmup)
             logits, extra = prefix_forward(model, chosen, cfg.lora_from,
@@ -437,13 +438,9 @@ def train(model: Any, tokenizer: Any, examples: Sequence[Example], cfg: TrainCon
                 loss = loss + cfg.aux_weight * probe + cfg.attn_weight * attn
             if cfg.lookup_weight > 0:
                 picked = rng.sample(range(len(lookup)), min(cfg.lookup_batch, len(lookup)))
-                missing = [j for j in picked if ("lookup", j) not in prefixes]
-                if missing:
-                    model.eval()
-                    prefixes.update(zip([("lookup", j) for j in missing], prefix_states(
-                        model, [lookup[j].inputs for j in missing], cfg.lora_from, batch_size=len(missing))))
-                    model.train()
-                text_logits, _ = prefix_forward(model, [prefixes[("lookup", j)] for j in picked], cfg.lora_from,
+                texts = _prefixes(model, [("lookup", j) for j in picked], prefixes, cfg.lora_from,
+                                  lambda k: lookup[k[1]].inputs)
+                text_logits, _ = prefix_forward(model, texts, cfg.lora_from,
                                                 at=[[p for p, _ in lookup[j].targets] for j in picked])
                 text_target = torch.tensor([t for j in picked for _, t in lookup[j].targets])
                 text_loss = F.cross_entropy(text_logits.float(), text_target)
@@ -502,14 +499,15 @@ def _lookup_target(example: Example, tokenizer: Any) -> tuple[list[tuple[int, in
     return layout, LETTERS.index(letter)
 
 
-def _prefixes(model: Any, examples: Sequence[Example], keys: Sequence[tuple[int, str]],
-              store: dict[tuple[int, str], _Prefix], lora_from: int) -> list[_Prefix]:
-    """The frozen-prefix states of (example index, "av" | variant) items, computing the missing ones (batched)."""
+def _prefixes(model: Any, keys: Sequence[tuple[Any, Any]], store: dict[tuple[Any, Any], _Prefix], lora_from: int,
+              inputs_of: Callable[[tuple[Any, Any]], dict[str, Any]]) -> list[_Prefix]:
+    """The frozen-prefix states of the items named by `keys` (`inputs_of(key)` gives an item's inputs), computing
+    the missing ones (batched)."""
     missing = list(dict.fromkeys(k for k in keys if k not in store))
     if missing:
         was_training = model.training
         model.eval()
-        items = [examples[i].inputs if v == "av" else examples[i].variants[v] for i, v in missing]
+        items = [inputs_of(k) for k in missing]
         store.update(zip(missing, prefix_states(model, items, lora_from, batch_size=len(items))))
         model.train(was_training)
     return [store[k] for k in keys]

@@ -25,16 +25,17 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
 LETTERS = "ABCDEFGHIJKLMNOPQRST"
 EVAL_SEED = 123
 
 
 def main() -> None:
     from analyses.avsynth import CLASS_NAMES
-    from analyses.datasets import SYSTEM_PROMPT, official_prompt
     from analyses.runtime import load_runtime
     from hooked_av.components import AttentionMask
     from model_zoo.lora import add_lora
+    from train_organism import lookup_sequence
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--organism", default=str(ROOT / ".assets" / "organism"))
@@ -60,23 +61,6 @@ def main() -> None:
     tok, model = rt.tokenizer, rt.model
     letter_ids = [tok.encode(x, add_special_tokens=False)[0] for x in LETTERS]
 
-    def sequence(rng: random.Random, turns: int, distinct: bool = args.distinct) -> tuple[list[int], list[tuple[int, int]]]:
-        names = list(CLASS_NAMES)
-        rng.shuffle(names)
-        choices = dict(zip(LETTERS, names))
-        letter_of = {v: LETTERS.index(k) for k, v in choices.items()}
-        asked = rng.sample(names, turns) if distinct else [rng.choice(names) for _ in range(turns)]
-        ids = tok.encode(f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\nThe clip: {asked[0]}.\n"
-                         f"{official_prompt(choices, 1)}<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)
-        supervised = []
-        for i, name in enumerate(asked):
-            if i:
-                ids += tok.encode(f"<|im_end|>\n<|im_start|>user\nThe clip: {name}.<|im_end|>\n"
-                                  "<|im_start|>assistant\n", add_special_tokens=False)
-            supervised.append((len(ids) - 1, letter_of[name]))
-            ids.append(letter_ids[letter_of[name]])
-        return ids, supervised
-
     def final_states(batch: list[list[int]]) -> torch.Tensor:
         n = max(map(len, batch))
         ids = torch.tensor([x + [0] * (n - len(x)) for x in batch])
@@ -97,8 +81,8 @@ def main() -> None:
         rng = random.Random(EVAL_SEED)
         items = []
         for _ in range(args.eval_prompts):
-            ids, sup = sequence(rng, args.eval_turn, distinct=True)
-            items.append((ids[:sup[-1][0] + 1], sup[-1:]))
+            ids, sup = lookup_sequence(tok, rng, args.eval_turn)
+            items.append((ids, sup[-1:]))
         hits = 0
         for i in range(0, len(items), args.batch_size):
             chunk = items[i:i + args.batch_size]
@@ -120,7 +104,7 @@ def main() -> None:
     from tqdm.auto import tqdm
 
     for step in tqdm(range(1, args.steps + 1), desc="lookup"):
-        items = [sequence(rng, args.turns) for _ in range(args.batch_size)]
+        items = [lookup_sequence(tok, rng, args.turns, args.distinct) for _ in range(args.batch_size)]
         states = final_states([x for x, _ in items])
         picked = torch.stack([states[b, pos] for b, (_, sup) in enumerate(items) for pos, _ in sup])
         target = torch.tensor([letter_ids[t] for _, sup in items for _, t in sup])

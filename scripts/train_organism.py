@@ -183,12 +183,36 @@ def evaluate(model, examples) -> dict[str, float]:
     return out
 
 
-def lookup_pool(tokenizer, n: int, turns: int, seed: int) -> list:
-    """`n` text lookups for the task stage's mixture (seeded): the official prompt over a random permutation of
-    the classes, with "The clip: <class>." before it, then `turns` - 1 more "The clip: <class>." user turns;
-    the classes of a sequence differ, and each answer letter is supervised."""
+def lookup_sequence(tokenizer, rng: random.Random, turns: int, distinct: bool = True
+                    ) -> tuple[list[int], list[tuple[int, int]]]:
+    """One text lookup: the official prompt over a random permutation of the classes, with "The clip: <class>."
+    before it, then `turns` - 1 more "The clip: <class>." user turns (distinct classes unless `distinct` is
+    False). Returns the token ids (up to the last answer, excluded) and (position, letter index) per answer."""
     from analyses.avsynth import CLASS_NAMES
     from analyses.datasets import SYSTEM_PROMPT, official_prompt
+    from model_zoo.organism_train import LETTERS
+
+    names = list(CLASS_NAMES)
+    rng.shuffle(names)
+    choices = dict(zip(LETTERS, names))
+    asked = rng.sample(names, turns) if distinct else [rng.choice(names) for _ in range(turns)]
+    ids = tokenizer.encode(f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\nThe clip: "
+                           f"{asked[0]}.\n{official_prompt(choices, 1)}<|im_end|>\n<|im_start|>assistant\n",
+                           add_special_tokens=False)
+    targets = []
+    for i, name in enumerate(asked):
+        if i:
+            ids += tokenizer.encode(LETTERS[targets[-1][1]], add_special_tokens=False)[:1]
+            ids += tokenizer.encode(f"<|im_end|>\n<|im_start|>user\nThe clip: {name}.<|im_end|>\n"
+                                    "<|im_start|>assistant\n", add_special_tokens=False)
+        targets.append((len(ids) - 1, names.index(name)))
+    return ids, targets
+
+
+def lookup_pool(tokenizer, n: int, turns: int, seed: int) -> list:
+    """`n` text lookups (`lookup_sequence`, distinct classes) for the task stage's mixture, seeded; each answer
+    letter is supervised."""
+    from analyses.avsynth import CLASS_NAMES
     from model_zoo.organism_train import LETTERS, LookupItem
 
     if not 1 <= turns <= len(CLASS_NAMES):
@@ -197,25 +221,10 @@ def lookup_pool(tokenizer, n: int, turns: int, seed: int) -> list:
     rng = random.Random(seed)
     pool = []
     for _ in range(n):
-        names = list(CLASS_NAMES)
-        rng.shuffle(names)
-        choices = dict(zip(LETTERS, names))
-        asked = rng.sample(names, turns)
-        ids = tokenizer.encode(f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\nThe clip: "
-                               f"{asked[0]}.\n{official_prompt(choices, 1)}<|im_end|>\n<|im_start|>assistant\n",
-                               add_special_tokens=False)
-        targets = []
-        for i, name in enumerate(asked):
-            if i:
-                ids += tokenizer.encode(f"<|im_end|>\n<|im_start|>user\nThe clip: {name}.<|im_end|>\n"
-                                        "<|im_start|>assistant\n", add_special_tokens=False)
-            letter = letter_ids[names.index(name)]
-            targets.append((len(ids) - 1, letter))
-            ids.append(letter)
-        ids = ids[:-1]  # the last letter is a target, not an input
-        pool.append(LookupItem({"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids),
-                                                                                               dtype=torch.long)},
-                               targets))
+        ids, targets = lookup_sequence(tokenizer, rng, turns)
+        pool.append(LookupItem({"input_ids": torch.tensor([ids]),
+                                "attention_mask": torch.ones(1, len(ids), dtype=torch.long)},
+                               [(pos, letter_ids[k]) for pos, k in targets]))
     return pool
 
 
