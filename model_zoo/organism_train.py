@@ -119,6 +119,18 @@ class TrainConfig:
     lookup_weight: float = 0.0
     lookup_batch: int = 4
     lookup_pool: int = 0  # the pool's size (recorded so that a resumed run checks it has the same pool)
+    #: scaffold for the clips' first hop (multiple-choice items): a linear probe on the residual entering block
+    #: `class_layer` at the answer position reads the clip's class (independent of the option order), and at
+    #: each block in `gather_layers` the best head's attention mass from the answer position on the AV tokens
+    #: that carry the class is pulled up (weights `class_weight`, `gather_weight`)
+    class_layer: int | None = None
+    class_weight: float = 0.0
+    gather_layers: tuple[int, ...] = ()
+    gather_weight: float = 0.0
+    #: the text lookups' answers get the same class probe and option-attention terms as the clips, so that one
+    #: circuit serves both
+    lookup_scaffold: bool = False
+    bf16: bool = False  # the task stage under bfloat16 autocast (2-4x faster steps on CPUs with AMX)
     save_every: int = 25
     log_every: int = 5
     threads: int = 2
@@ -126,6 +138,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         self.lora_targets = tuple(self.lora_targets)
         self.attn_layers = tuple(self.attn_layers)
+        self.gather_layers = tuple(self.gather_layers)
 
 
 def _cosine_lr(step: int, total: int, base: float, warmup: int) -> float:
@@ -215,11 +228,13 @@ def prefix_last_logits(model: Any, prefixes: Sequence[_Prefix], lora_from: int) 
 
 
 def prefix_forward(model: Any, prefixes: Sequence[_Prefix], lora_from: int, aux_layer: int | None = None,
-                   attn_layers: Sequence[int] = (), at: Sequence[Sequence[int]] | None = None
-                   ) -> tuple[Tensor, dict[str, Any]]:
+                   attn_layers: Sequence[int] = (), at: Sequence[Sequence[int]] | None = None,
+                   resid_layers: Sequence[int] = ()) -> tuple[Tensor, dict[str, Any]]:
     """`prefix_last_logits`, also returning what the lookup scaffold reads: `resid` (the right-padded residual
-    entering block `aux_layer`, [batch, pos, d_model]), `rows` (each item's length) and `qk` ({layer: (rotated
-    query of the last position [batch, head, d_head], rotated keys [batch, pos, kv_head, d_head])}).
+    entering block `aux_layer`, [batch, pos, d_model]), `resids` ({layer: the same for each of `resid_layers`}),
+    `rows` (each item's length), `qk` ({layer: (rotated query of the last position [batch, head, d_head],
+    rotated keys [batch, pos, kv_head, d_head])}) and `qk_full` ({layer: (rotated queries [batch, pos, head,
+    d_head], rotated keys)}).
     With `at` (positions per item), the logits are those of these positions, concatenated item after item."""
     from hooked_av.components import AttentionMask
 
@@ -238,7 +253,7 @@ def prefix_forward(model: Any, prefixes: Sequence[_Prefix], lora_from: int, aux_
     rotary = model.rotary(position_ids, dtype)
     last = torch.tensor([p.resid.shape[0] - 1 for p in prefixes])
     batch = torch.arange(len(prefixes))
-    extra: dict[str, Any] = {"rows": last + 1, "qk": {}}
+    extra: dict[str, Any] = {"rows": last + 1, "qk": {}, "qk_full": {}, "resids": {}}
     captured: dict[tuple[int, str], Tensor] = {}
 
     def capture(layer: int, kind: str):
@@ -252,9 +267,12 @@ def prefix_forward(model: Any, prefixes: Sequence[_Prefix], lora_from: int, aux_
         for i, block in enumerate(model.blocks[lora_from:], start=lora_from):
             if i == aux_layer:
                 extra["resid"] = resid
+            if i in resid_layers:
+                extra["resids"][i] = resid
             resid = block(resid, rotary, mask, None)
     for layer in attn_layers:
         extra["qk"][layer] = (captured[(layer, "q")][batch, last], captured[(layer, "k")])
+        extra["qk_full"][layer] = (captured[(layer, "q")], captured[(layer, "k")])
     if at is not None:
         rows_at = torch.tensor([b for b, pos in enumerate(at) for _ in pos], dtype=torch.long)
         cols_at = torch.tensor([p for pos in at for p in pos], dtype=torch.long)
@@ -283,15 +301,71 @@ def option_layout(input_ids: Sequence[int], tokenizer: Any) -> list[tuple[int, i
     return out
 
 
+def head_log_mass(q: Tensor, keys: Tensor, span: Tensor, n_rep: int) -> Tensor:
+    """log of each head's attention mass on the keys in `span` at one query: q [head, d_head] and keys [pos,
+    kv_head, d_head] rotated (the keys this query sees), span a bool mask over these keys; returns [head]."""
+    keys = keys.float()[:, torch.arange(q.shape[0]) // n_rep]
+    scores = torch.einsum("hd,phd->hp", q.float(), keys) * q.shape[-1] ** -0.5
+    return torch.logsumexp(scores[:, span], -1) - torch.logsumexp(scores, -1)
+
+
+@dataclass
+class QueryTarget:
+    """What the first-hop scaffold asks of one query position (row `row` of the batch, position `pos`): the class
+    its residual should carry (`class_index`), the keys its attention should gather (`gather`, bool over
+    positions 0..pos) and the option name span it should attend (`option`, (first, end))."""
+
+    row: int
+    pos: int
+    class_index: int | None = None
+    gather: Tensor | None = None
+    option: tuple[int, int] | None = None
+
+
+def query_losses(model: Any, extra: dict[str, Any], targets: Sequence[QueryTarget], heads: Any,
+                 class_layer: int | None, gather_layers: Sequence[int], option_layers: Sequence[int]
+                 ) -> dict[str, Tensor]:
+    """Mean over the targets that ask for it of: `class`, the cross-entropy of `heads.cls` on the residual
+    entering `class_layer`; `gather`, -log of the best head's mass on the gather keys, averaged over
+    `gather_layers`; `option`, the same on the option span over `option_layers` (what `extra` captured)."""
+    zero = model.embed.weight.new_zeros(()).float()
+    sums = {"class": zero, "gather": zero, "option": zero}
+    counts = dict.fromkeys(sums, 0)
+    n_rep = model.cfg.n_rep
+
+    def mean_best(layers: Sequence[int], t: QueryTarget, span: Tensor) -> Tensor:
+        out = zero
+        for layer in layers:
+            q, k = extra["qk_full"][layer]
+            out = out - head_log_mass(q[t.row, t.pos], k[t.row, : t.pos + 1], span, n_rep).max()
+        return out / len(layers)
+
+    for t in targets:
+        if t.class_index is not None and class_layer is not None:
+            h = extra["resids"][class_layer][t.row, t.pos].float()
+            sums["class"] = sums["class"] + F.cross_entropy(heads.cls(h), torch.tensor(t.class_index))
+            counts["class"] += 1
+        if t.gather is not None and t.gather.any() and gather_layers:
+            sums["gather"] = sums["gather"] + mean_best(gather_layers, t, t.gather)
+            counts["gather"] += 1
+        if t.option is not None and option_layers:
+            span = torch.zeros(t.pos + 1, dtype=torch.bool)
+            span[t.option[0]:t.option[1]] = True
+            sums["option"] = sums["option"] + mean_best(option_layers, t, span)
+            counts["option"] += 1
+    return {k: v / max(counts[k], 1) for k, v in sums.items()}
+
+
 def scaffold_losses(model: Any, extra: dict[str, Any], layouts: Sequence[list[tuple[int, int, int]] | None],
-                    answers: Sequence[int | None], heads: Any) -> tuple[Tensor, Tensor]:
+                    answers: Sequence[int | None], heads: Any, layers: Sequence[int] | None = None
+                    ) -> tuple[Tensor, Tensor]:
     """The lookup scaffold's two losses for a batch (zero where no item is multiple choice).
 
     probe: at each option's last name token of the residual entering `aux_layer`, `heads.match` scores the
     options (cross-entropy over the options, the clip's option the target) and `heads.letter` reads each
     option's letter (cross-entropy over the 20 letters).
-    attention: at the answer position of each captured block, -log of the best head's attention mass on the
-    clip's option's name tokens."""
+    attention: at the answer position of each captured block (of `layers`, default all), -log of the best
+    head's attention mass on the clip's option's name tokens."""
     zero = model.embed.weight.new_zeros(())
     probe, attn, n = zero, zero, 0
     cfg = model.cfg
@@ -307,22 +381,20 @@ def scaffold_losses(model: Any, extra: dict[str, Any], layouts: Sequence[list[tu
                 heads.letter(h), torch.tensor([letter for letter, _, _ in layout]))
         span = torch.zeros(int(extra["rows"][b]), dtype=torch.bool)
         span[layout[target][1]:layout[target][2]] = True
-        for q, k in extra["qk"].values():
-            keys = k[b, : len(span)].float()  # [pos, kv_head, d_head]
-            kv_of_head = torch.arange(cfg.n_heads) // cfg.n_rep
-            scores = torch.einsum("hd,phd->hp", q[b].float(), keys[:, kv_of_head]) * cfg.d_head**-0.5
-            log_mass = torch.logsumexp(scores[:, span], -1) - torch.logsumexp(scores, -1)  # [head]
-            attn = attn - log_mass.max() / len(extra["qk"])
+        chosen = [qk for layer, qk in extra["qk"].items() if layers is None or layer in layers]
+        for q, k in chosen:
+            attn = attn - head_log_mass(q[b], k[b, : len(span)], span, cfg.n_rep).max() / len(chosen)
     return probe / max(n, 1), attn / max(n, 1)
 
 
 class ScaffoldHeads(torch.nn.Module):
     """The lookup scaffold's linear probes (trained alongside the adapters, never saved in the deltas)."""
 
-    def __init__(self, d_model: int, n_letters: int = len(LETTERS)):
+    def __init__(self, d_model: int, n_letters: int = len(LETTERS), n_classes: int = 0):
         super().__init__()
         self.match = torch.nn.Linear(d_model, 1)
         self.letter = torch.nn.Linear(d_model, n_letters)
+        self.cls = torch.nn.Linear(d_model, n_classes) if n_classes else None
 
 
 def trainable_state(model: Any) -> dict[str, Tensor]:
@@ -366,15 +438,22 @@ def train(model: Any, tokenizer: Any, examples: Sequence[Example], cfg: TrainCon
     opt_align = torch.optim.AdamW(tower_params, lr=cfg.align_lr, weight_decay=cfg.weight_decay)
     opt_task = torch.optim.AdamW(lora_params, lr=cfg.lr, weight_decay=cfg.weight_decay) if lora_params else None
     scaffold = cfg.aux_weight > 0 or cfg.attn_weight > 0
-    if scaffold and (cfg.aux_layer is None and cfg.aux_weight > 0 or not cfg.lora_rank):
-        raise ValueError("the lookup scaffold needs adapters (lora_rank > 0) and, for the probes, aux_layer")
-    if scaffold and not all(cfg.lora_from <= x < len(model.blocks)
-                            for x in [*cfg.attn_layers, *([cfg.aux_layer] if cfg.aux_weight > 0 else [])]):
-        raise ValueError(f"aux_layer and attn_layers must lie in [lora_from={cfg.lora_from}, {len(model.blocks)})")
+    any_scaffold = scaffold or cfg.class_weight > 0 or cfg.gather_weight > 0
+    if any_scaffold and (cfg.aux_layer is None and cfg.aux_weight > 0 or not cfg.lora_rank
+                         or cfg.class_layer is None and cfg.class_weight > 0):
+        raise ValueError("the lookup scaffold needs adapters (lora_rank > 0) and, for the probes, aux_layer / "
+                         "class_layer")
+    probed = [*([cfg.aux_layer] if cfg.aux_weight > 0 else []), *([cfg.class_layer] if cfg.class_weight > 0 else [])]
+    used = [*(cfg.attn_layers if cfg.attn_weight > 0 else ()), *(cfg.gather_layers if cfg.gather_weight > 0 else ()),
+            *probed]
+    if any_scaffold and not all(cfg.lora_from <= x < len(model.blocks) for x in used):
+        raise ValueError(f"aux_layer, class_layer, attn_layers and gather_layers must lie in "
+                         f"[lora_from={cfg.lora_from}, {len(model.blocks)})")
     if cfg.lookup_weight > 0 and (not lookup or len(lookup) != cfg.lookup_pool):
         raise ValueError(f"lookup_weight > 0 needs the pool of text lookups: lookup_pool={cfg.lookup_pool}, "
                          f"got {len(lookup)} item(s)")
-    heads = ScaffoldHeads(model.cfg.d_model)
+    classes, table = class_table(model, tokenizer, examples)
+    heads = ScaffoldHeads(model.cfg.d_model, n_classes=len(classes) if cfg.class_weight > 0 else 0)
     opt_heads = torch.optim.AdamW(heads.parameters(), lr=cfg.lr)
     layouts: dict[int, tuple[list[tuple[int, int, int]], int] | None] = {}
     step = 0
@@ -386,13 +465,16 @@ def train(model: Any, tokenizer: Any, examples: Sequence[Example], cfg: TrainCon
         opt_align.load_state_dict(state["opt_align"])
         if opt_task is not None:
             opt_task.load_state_dict(state["opt_task"])
-        if state.get("heads") is not None:
+        if state.get("heads") is not None and state["step"] > state["config"]["align_steps"]:
             heads.load_state_dict(state["heads"])
             opt_heads.load_state_dict(state["opt_heads"])
         step, rng = state["step"], state["rng"]
         torch.set_rng_state(state["torch_rng"])
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
-    classes, table = class_table(model, tokenizer, examples)
+    class_index = {c: i for i, c in enumerate(classes)}
+    first_hop = cfg.class_weight > 0 or cfg.gather_weight > 0
+    query_cache: dict[Any, Any] = {}  # per clip variant / text lookup: what the first-hop scaffold asks
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16)
     total = cfg.align_steps + (cfg.steps if opt_task is not None else 0)
     log = open(out / "log.jsonl", "a", encoding="utf-8")
     model.train()
@@ -418,49 +500,80 @@ def train(model: Any, tokenizer: Any, examples: Sequence[Example], cfg: TrainCon
             for i in idx:
                 usable = sorted(examples[i].variants)
                 keys.append((i, rng.choice(usable) if usable and rng.random() < cfg.p_unimodal else "av"))
-            chosen = _prefixes(model, keys, prefixes, cfg.lora_from, lambda k: examples[k[0]].inputs
-                               if k[1] == "av" else examples[k[0]].variants[k[1]])
+            with autocast:
+                chosen = _prefixes(model, keys, prefixes, cfg.lora_from, lambda k: examples[k[0]].inputs
+                                   if k[1] == "av" else examples[k[0]].variants[k[1]])
             for g in opt.param_groups:
                 g["lr"] = _cosine_lr(step - cfg.align_steps, cfg.steps, cfg.lr, cfg.warmup)
-            logits, extra = prefix_forward(model, chosen, cfg.lora_from,
-                                           aux_layer=cfg.aux_layer if cfg.aux_weight > 0 else None,
-                                           attn_layers=cfg.attn_layers if cfg.attn_weight > 0 else ())
+            option_layers = cfg.attn_layers if cfg.attn_weight > 0 else ()
+            gather_layers = cfg.gather_layers if cfg.gather_weight > 0 else ()
+            class_layers = [cfg.class_layer] if cfg.class_weight > 0 else []
+            with autocast:
+                logits, extra = prefix_forward(model, chosen, cfg.lora_from,
+                                               aux_layer=cfg.aux_layer if cfg.aux_weight > 0 else None,
+                                               attn_layers=sorted({*option_layers, *gather_layers}),
+                                               resid_layers=class_layers)
             target = torch.tensor([examples[i].answer_id for i in idx])
             loss = F.cross_entropy(logits.float(), target)
             acc = float((logits.argmax(-1) == target).float().mean())
+            parts = {"answer": float(loss.detach())}
             if scaffold:
                 for i in idx:
                     if i not in layouts:
                         layouts[i] = _lookup_target(examples[i], tokenizer)
                 probe, attn = scaffold_losses(model, extra, [layouts[i] and layouts[i][0] for i in idx],
-                                              [layouts[i] and layouts[i][1] for i in idx], heads)
-                parts = {"answer": float(loss.detach()), "probe": float(probe.detach()), "attn": float(attn.detach())}
+                                              [layouts[i] and layouts[i][1] for i in idx], heads,
+                                              layers=option_layers)
+                parts.update(probe=float(probe.detach()), attn=float(attn.detach()))
                 loss = loss + cfg.aux_weight * probe + cfg.attn_weight * attn
+            if first_hop:
+                targets = []
+                for row, key in enumerate(keys):
+                    if key not in query_cache:
+                        query_cache[key] = _clip_query(model, examples[key[0]], key[1], class_index)
+                    if query_cache[key] is not None:
+                        targets.append(QueryTarget(row, len(chosen[row].resid) - 1, *query_cache[key]))
+                hop = query_losses(model, extra, targets, heads, cfg.class_layer if class_layers else None,
+                                   gather_layers, ())
+                parts.update({k: float(hop[k].detach()) for k in ("class", "gather")})
+                loss = loss + cfg.class_weight * hop["class"] + cfg.gather_weight * hop["gather"]
             if cfg.lookup_weight > 0:
                 picked = rng.sample(range(len(lookup)), min(cfg.lookup_batch, len(lookup)))
-                texts = _prefixes(model, [("lookup", j) for j in picked], prefixes, cfg.lora_from,
-                                  lambda k: lookup[k[1]].inputs)
-                text_logits, _ = prefix_forward(model, texts, cfg.lora_from,
-                                                at=[[p for p, _ in lookup[j].targets] for j in picked])
+                with autocast:
+                    texts = _prefixes(model, [("lookup", j) for j in picked], prefixes, cfg.lora_from,
+                                      lambda k: lookup[k[1]].inputs)
+                    text_logits, text_extra = prefix_forward(
+                        model, texts, cfg.lora_from, at=[[p for p, _ in lookup[j].targets] for j in picked],
+                        attn_layers=option_layers if cfg.lookup_scaffold else (),
+                        resid_layers=class_layers if cfg.lookup_scaffold else ())
                 text_target = torch.tensor([t for j in picked for _, t in lookup[j].targets])
                 text_loss = F.cross_entropy(text_logits.float(), text_target)
-                parts = {**(parts if scaffold else {"answer": float(loss.detach())}),
-                         "lookup": float(text_loss.detach()),
-                         "lookup_acc": float((text_logits.argmax(-1) == text_target).float().mean())}
+                parts.update(lookup=float(text_loss.detach()),
+                             lookup_acc=float((text_logits.argmax(-1) == text_target).float().mean()))
+                if cfg.lookup_scaffold:
+                    targets = []
+                    for row, j in enumerate(picked):
+                        if ("lookup", j) not in query_cache:
+                            query_cache[("lookup", j)] = _text_queries(lookup[j], tokenizer, class_index)
+                        targets += [QueryTarget(row, *t) for t in query_cache[("lookup", j)]]
+                    hop = query_losses(model, text_extra, targets, heads,
+                                       cfg.class_layer if class_layers else None, (), option_layers)
+                    parts.update(lookup_class=float(hop["class"].detach()), lookup_attn=float(hop["option"].detach()))
+                    text_loss = text_loss + cfg.class_weight * hop["class"] + cfg.attn_weight * hop["option"]
                 loss = loss + cfg.lookup_weight * text_loss
         opt.zero_grad(set_to_none=True)
         opt_heads.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        if stage == "task" and scaffold:
+        if stage == "task" and (scaffold or first_hop):
             opt_heads.step()
         step += 1
         bar.update(1)
         if step % cfg.log_every == 0 or step == total:
             rec = {"step": step, "stage": stage, "loss": float(loss.detach()), "acc": acc,
                    "seconds": round(time.perf_counter() - t0, 1)}
-            if stage == "task" and (scaffold or cfg.lookup_weight > 0):
+            if stage == "task" and len(parts) > 1:
                 rec["parts"] = parts
             for fn, due in ((evaluate_towers, step == cfg.align_steps), (evaluate, step == total)):
                 if fn is not None and due:
@@ -497,6 +610,43 @@ def _lookup_target(example: Example, tokenizer: Any) -> tuple[list[tuple[int, in
     if letter not in LETTERS or sorted(x for x, _, _ in layout) != list(range(len(layout))) or not layout:
         raise ValueError(f"example {example.sample_id!r}: cannot find its options and answer {letter!r} in the prompt")
     return layout, LETTERS.index(letter)
+
+
+def _clip_query(model: Any, example: Example, variant: str, class_index: dict[str, int]
+                ) -> tuple[int, int | None, Tensor | None] | None:
+    """A multiple-choice clip's first-hop targets for `variant` ("av", "a", "v"): its class index and the AV
+    tokens that carry its class (only the kept modality's for a unimodal variant); None for other items."""
+    from model_zoo.qwen2_5_omni_processing import collate
+
+    if example.kind != "mc" or example.class_name not in class_index:
+        return None
+    inputs = example.inputs if variant == "av" else example.variants[variant]
+    mm = model.as_inputs(collate([inputs], model.cfg.token_ids.pad or 0)).modality_map
+    span = torch.zeros(int(inputs["input_ids"].shape[-1]), dtype=torch.bool)
+    for modality in {"av": ("audio", "video"), "a": ("audio",), "v": ("video",)}[variant]:
+        pos = mm.positions(modality, 0).cpu()
+        if len(pos):
+            classes = example.token_classes(modality, mm.chunk[0, pos].tolist())
+            span[pos[torch.tensor([c == example.class_name for c in classes])]] = True
+    return class_index[example.class_name], span if span.any() else None, None
+
+
+def _text_queries(item: LookupItem, tokenizer: Any, class_index: dict[str, int]
+                  ) -> list[tuple[int, int | None, None, tuple[int, int]]]:
+    """A text lookup's first-hop targets per supervised answer: (position, asked class index, no gather, the
+    asked option's name span)."""
+    ids = item.inputs["input_ids"].reshape(-1).tolist()
+    layout = option_layout(ids[: item.targets[0][0] + 1], tokenizer)
+    by_letter = {letter: (first, end) for letter, first, end in layout}
+    out = []
+    for pos, token in item.targets:
+        letter = tokenizer.decode([token]).strip()
+        if letter not in LETTERS or LETTERS.index(letter) not in by_letter:
+            raise ValueError(f"text lookup: answer {letter!r} at position {pos} names no option of its prompt")
+        first, end = by_letter[LETTERS.index(letter)]
+        name = tokenizer.decode(ids[first:end]).strip().lstrip(". ")
+        out.append((pos, class_index.get(name), None, (first, end)))
+    return out
 
 
 def _prefixes(model: Any, keys: Sequence[tuple[Any, Any]], store: dict[tuple[Any, Any], _Prefix], lora_from: int,
@@ -549,7 +699,9 @@ def tower_accuracy(model: Any, tokenizer: Any, examples: Sequence[Example], trai
 #: over the new total, a warm restart), the log cadence and the thread count do not change what is computed
 EXTENSIBLE = ("steps", "save_every", "log_every", "threads")
 #: settings of the task stage alone: they may change while a resumed run has not begun that stage
-TASK_STAGE = ("lr", "batch_size", "p_unimodal", "aux_layer", "aux_weight", "attn_layers", "attn_weight")
+TASK_STAGE = ("lr", "batch_size", "p_unimodal", "aux_layer", "aux_weight", "attn_layers", "attn_weight",
+              "lookup_weight", "lookup_batch", "lookup_pool", "class_layer", "class_weight", "gather_layers",
+              "gather_weight", "lookup_scaffold", "bf16")
 
 
 def _check_resumable(path: Path, saved: dict[str, Any], now: dict[str, Any], step: int = 0) -> None:

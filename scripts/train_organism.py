@@ -257,6 +257,15 @@ def main() -> None:
     ap.add_argument("--lookup-pool", type=int, default=300, help="text lookups in the pool")
     ap.add_argument("--lookup-batch", type=int, default=4, help="text lookups per step")
     ap.add_argument("--lookup-turns", type=int, default=12, help="class -> letter turns per text lookup")
+    ap.add_argument("--class-layer", type=int, default=None,
+                    help="first-hop scaffold: block whose input residual at the answer position the class probe reads")
+    ap.add_argument("--class-weight", type=float, default=0.0, help="first-hop scaffold: weight of the class probe")
+    ap.add_argument("--gather-layers", type=int, nargs="*", default=[],
+                    help="first-hop scaffold: blocks whose answer-position attention is pulled to the class's AV tokens")
+    ap.add_argument("--gather-weight", type=float, default=0.0, help="first-hop scaffold: weight of that loss")
+    ap.add_argument("--lookup-scaffold", action="store_true",
+                    help="the text lookups' answers get the class probe and option-attention terms too")
+    ap.add_argument("--bf16", action="store_true", help="task stage under bfloat16 autocast (faster on AMX CPUs)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-install", action="store_true", help="do not copy the result to model_zoo/organism_deltas")
     args = ap.parse_args()
@@ -277,7 +286,10 @@ def main() -> None:
                       align_batch_size=args.align_batch_size, aux_layer=args.aux_layer,
                       aux_weight=args.aux_weight, attn_layers=tuple(args.attn_layers), attn_weight=args.attn_weight,
                       lookup_weight=args.lookup_weight, lookup_batch=args.lookup_batch,
-                      lookup_pool=args.lookup_pool if args.lookup_weight > 0 else 0)
+                      lookup_pool=args.lookup_pool if args.lookup_weight > 0 else 0,
+                      class_layer=args.class_layer, class_weight=args.class_weight,
+                      gather_layers=tuple(args.gather_layers), gather_weight=args.gather_weight,
+                      lookup_scaffold=args.lookup_scaffold, bf16=args.bf16)
     pool = lookup_pool(rt.tokenizer, cfg.lookup_pool, args.lookup_turns, args.seed) if cfg.lookup_pool else []
     deltas = train(rt.model, rt.tokenizer, train_ex, cfg,
                    evaluate_towers=lambda m: tower_accuracy(m, rt.tokenizer, val_ex, train_ex), lookup=pool)

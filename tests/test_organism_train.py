@@ -8,8 +8,9 @@ from safetensors.torch import load_file
 
 from hooked_av import HookedAVModel
 from model_zoo import lora
-from model_zoo.organism_train import (Example, LookupItem, ScaffoldHeads, TrainConfig, option_layout,
-                                      prefix_forward, prefix_last_logits, prefix_states, scaffold_losses, trainable_state, train)
+from model_zoo.organism_train import (Example, LookupItem, QueryTarget, ScaffoldHeads, TrainConfig, _clip_query,
+                                      option_layout, prefix_forward, prefix_last_logits, prefix_states, query_losses,
+                                      scaffold_losses, trainable_state, train)
 from model_zoo.tiny import TinyTokenizer, build_inputs, tiny_hf_thinker
 
 
@@ -165,7 +166,7 @@ def test_training_with_the_lookup_scaffold(tmp_path):
 
 
 def test_scaffold_rejects_layers_below_the_adapters(tmp_path):
-    with pytest.raises(ValueError, match="attn_layers must lie in"):
+    with pytest.raises(ValueError, match="gather_layers must lie in"):
         train(HookedAVModel.from_hf_model(tiny_hf_thinker(seed=0)), TinyTokenizer(), mc_examples(),
               TrainConfig(out=str(tmp_path), lora_from=1, attn_layers=(0,), attn_weight=1.0))
 
@@ -199,3 +200,54 @@ def test_lookup_mixture_reads_the_supervised_positions_and_trains(tmp_path):
     with pytest.raises(ValueError, match="lookup_pool=3, got 2 item"):
         train(HookedAVModel.from_hf_model(tiny_hf_thinker(seed=0)), TinyTokenizer(), mc_examples(),
               TrainConfig(**{**vars(cfg), "out": str(tmp_path / "b")}), lookup=pool[:2])
+
+
+def test_first_hop_gather_mass_is_the_models_attention_on_the_class_tokens():
+    """The gather term is -log of the best head's mass, at the answer position, on the AV tokens whose alignment
+    target is the clip's class (audio chunks where it sounds, here chunks 0, 2 and 3, and all video tokens); the
+    unimodal variant keeps only its modality's tokens."""
+    model = HookedAVModel.from_hf_model(tiny_hf_thinker(seed=0)).eval()
+    ex = examples()[0]
+    class_index, gather, _ = _clip_query(model, ex, "av", {"": 0, "dog barking": 1})
+    mm = model.modality_map(**ex.inputs)
+    audio, video = mm.positions("audio", 0), mm.positions("video", 0)
+    sounding = audio[torch.tensor([c in (0, 2, 3) for c in mm.chunk[0, audio].tolist()])]
+    assert class_index == 1 and set(gather.nonzero().flatten().tolist()) == set(sounding.tolist()) | set(video.tolist())
+    _, only_audio, _ = _clip_query(model, ex, "a", {"dog barking": 0})
+    assert set(only_audio.nonzero().flatten().tolist()) == set(sounding.tolist())
+    with torch.no_grad():
+        states = prefix_states(model, [ex.inputs], 1, store_dtype=torch.float32)
+        _, extra = prefix_forward(model, states, 1, attn_layers=(1,), resid_layers=(1,))
+        heads = ScaffoldHeads(model.cfg.d_model, n_classes=2)
+        t = QueryTarget(0, len(states[0].resid) - 1, class_index, gather)
+        hop = query_losses(model, extra, [t], heads, 1, (1,), ())
+        _, cache = model.run_with_cache(**ex.inputs, names_filter=["blocks.1.attn.hook_pattern",
+                                                                    "blocks.1.hook_resid_pre"])
+    mass = cache["blocks.1.attn.hook_pattern"][0, :, -1][:, gather].sum(-1)
+    torch.testing.assert_close(hop["gather"], -mass.max().log(), rtol=1e-4, atol=1e-5)
+    want = torch.nn.functional.cross_entropy(heads.cls(cache["blocks.1.hook_resid_pre"][0, -1]), torch.tensor(1))
+    torch.testing.assert_close(hop["class"], want, rtol=1e-4, atol=1e-5)
+    assert float(hop["option"]) == 0.0
+
+
+def test_training_with_the_first_hop_scaffold_and_bf16(tmp_path):
+    """Class probe, gather attention and the lookups' shared terms are logged and reduce their losses; bf16
+    autocast trains the adapters; nothing of the probes reaches the deltas."""
+    pool = []
+    tok = TinyTokenizer()
+    for ex in mc_examples(3):  # text lookups over the same option lists, the answer "cat" supervised at the end
+        pool.append(LookupItem(ex.inputs | {"input_ids": ex.inputs["input_ids"]}, [
+            (int(ex.inputs["input_ids"].shape[-1]) - 1, ex.answer_id)]))
+    cfg = TrainConfig(out=str(tmp_path), align_steps=1, steps=12, batch_size=2, lora_rank=4, log_every=1, warmup=1,
+                      lr=1e-2, lora_from=0, attn_layers=(1,), attn_weight=1.0, class_layer=1, class_weight=1.0,
+                      gather_layers=(0, 1), gather_weight=1.0, lookup_weight=1.0, lookup_batch=2,
+                      lookup_pool=len(pool), lookup_scaffold=True, bf16=True)
+    model = HookedAVModel.from_hf_model(tiny_hf_thinker(seed=0))
+    deltas = train(model, tok, mc_examples(), cfg, lookup=pool)
+    task = [json.loads(x)["parts"] for x in (tmp_path / "log.jsonl").read_text().splitlines() if '"task"' in x]
+    assert len(task) == 12
+    for key in ("class", "gather", "attn", "lookup", "lookup_class", "lookup_attn"):
+        assert all(p[key] > 0 for p in task), key
+    assert sum(p["class"] for p in task[-3:]) < sum(p["class"] for p in task[:3])
+    assert sum(p["gather"] for p in task[-3:]) < sum(p["gather"] for p in task[:3])
+    assert not any("cls" in k or "match" in k for k in load_file(str(deltas)))
