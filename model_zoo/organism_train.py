@@ -232,9 +232,8 @@ def prefix_forward(model: Any, prefixes: Sequence[_Prefix], lora_from: int, aux_
                    resid_layers: Sequence[int] = ()) -> tuple[Tensor, dict[str, Any]]:
     """`prefix_last_logits`, also returning what the lookup scaffold reads: `resid` (the right-padded residual
     entering block `aux_layer`, [batch, pos, d_model]), `resids` ({layer: the same for each of `resid_layers`}),
-    `rows` (each item's length), `qk` ({layer: (rotated query of the last position [batch, head, d_head],
-    rotated keys [batch, pos, kv_head, d_head])}) and `qk_full` ({layer: (rotated queries [batch, pos, head,
-    d_head], rotated keys)}).
+    `rows` (each item's length) and `qk_full` ({layer: (rotated queries [batch, pos, head, d_head], rotated keys
+    [batch, pos, kv_head, d_head])} for each of `attn_layers`).
     With `at` (positions per item), the logits are those of these positions, concatenated item after item."""
     from hooked_av.components import AttentionMask
 
@@ -253,7 +252,7 @@ def prefix_forward(model: Any, prefixes: Sequence[_Prefix], lora_from: int, aux_
     rotary = model.rotary(position_ids, dtype)
     last = torch.tensor([p.resid.shape[0] - 1 for p in prefixes])
     batch = torch.arange(len(prefixes))
-    extra: dict[str, Any] = {"rows": last + 1, "qk": {}, "qk_full": {}, "resids": {}}
+    extra: dict[str, Any] = {"rows": last + 1, "qk_full": {}, "resids": {}}
     captured: dict[tuple[int, str], Tensor] = {}
 
     def capture(layer: int, kind: str):
@@ -271,7 +270,6 @@ def prefix_forward(model: Any, prefixes: Sequence[_Prefix], lora_from: int, aux_
                 extra["resids"][i] = resid
             resid = block(resid, rotary, mask, None)
     for layer in attn_layers:
-        extra["qk"][layer] = (captured[(layer, "q")][batch, last], captured[(layer, "k")])
         extra["qk_full"][layer] = (captured[(layer, "q")], captured[(layer, "k")])
     if at is not None:
         rows_at = torch.tensor([b for b, pos in enumerate(at) for _ in pos], dtype=torch.long)
@@ -365,10 +363,10 @@ def scaffold_losses(model: Any, extra: dict[str, Any], layouts: Sequence[list[tu
     options (cross-entropy over the options, the clip's option the target) and `heads.letter` reads each
     option's letter (cross-entropy over the 20 letters).
     attention: at the answer position of each captured block (of `layers`, default all), -log of the best
-    head's attention mass on the clip's option's name tokens."""
+    head's attention mass on the clip's option's name tokens (`query_losses`' option term)."""
     zero = model.embed.weight.new_zeros(())
-    probe, attn, n = zero, zero, 0
-    cfg = model.cfg
+    probe, n = zero, 0
+    options = []
     for b, (layout, answer) in enumerate(zip(layouts, answers)):
         if not layout or answer is None:
             continue
@@ -379,12 +377,10 @@ def scaffold_losses(model: Any, extra: dict[str, Any], layouts: Sequence[list[tu
             h = extra["resid"][b, ends].float()
             probe = probe + F.cross_entropy(heads.match(h).squeeze(-1), torch.tensor(target)) + F.cross_entropy(
                 heads.letter(h), torch.tensor([letter for letter, _, _ in layout]))
-        span = torch.zeros(int(extra["rows"][b]), dtype=torch.bool)
-        span[layout[target][1]:layout[target][2]] = True
-        chosen = [qk for layer, qk in extra["qk"].items() if layers is None or layer in layers]
-        for q, k in chosen:
-            attn = attn - head_log_mass(q[b], k[b, : len(span)], span, cfg.n_rep).max() / len(chosen)
-    return probe / max(n, 1), attn / max(n, 1)
+        options.append(QueryTarget(b, int(extra["rows"][b]) - 1, option=layout[target][1:]))
+    captured = [layer for layer in extra["qk_full"] if layers is None or layer in layers]
+    attn = query_losses(model, extra, options, heads, None, (), captured)["option"] if captured else zero
+    return probe / max(n, 1), attn
 
 
 class ScaffoldHeads(torch.nn.Module):
@@ -475,6 +471,10 @@ def train(model: Any, tokenizer: Any, examples: Sequence[Example], cfg: TrainCon
     first_hop = cfg.class_weight > 0 or cfg.gather_weight > 0
     query_cache: dict[Any, Any] = {}  # per clip variant / text lookup: what the first-hop scaffold asks
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16)
+    option_layers = cfg.attn_layers if cfg.attn_weight > 0 else ()
+    gather_layers = cfg.gather_layers if cfg.gather_weight > 0 else ()
+    class_layer = cfg.class_layer if cfg.class_weight > 0 else None
+    class_layers = [class_layer] if class_layer is not None else []
     total = cfg.align_steps + (cfg.steps if opt_task is not None else 0)
     log = open(out / "log.jsonl", "a", encoding="utf-8")
     model.train()
@@ -505,9 +505,6 @@ def train(model: Any, tokenizer: Any, examples: Sequence[Example], cfg: TrainCon
                                    if k[1] == "av" else examples[k[0]].variants[k[1]])
             for g in opt.param_groups:
                 g["lr"] = _cosine_lr(step - cfg.align_steps, cfg.steps, cfg.lr, cfg.warmup)
-            option_layers = cfg.attn_layers if cfg.attn_weight > 0 else ()
-            gather_layers = cfg.gather_layers if cfg.gather_weight > 0 else ()
-            class_layers = [cfg.class_layer] if cfg.class_weight > 0 else []
             with autocast:
                 logits, extra = prefix_forward(model, chosen, cfg.lora_from,
                                                aux_layer=cfg.aux_layer if cfg.aux_weight > 0 else None,
@@ -533,8 +530,7 @@ def train(model: Any, tokenizer: Any, examples: Sequence[Example], cfg: TrainCon
                         query_cache[key] = _clip_query(model, examples[key[0]], key[1], class_index)
                     if query_cache[key] is not None:
                         targets.append(QueryTarget(row, len(chosen[row].resid) - 1, *query_cache[key]))
-                hop = query_losses(model, extra, targets, heads, cfg.class_layer if class_layers else None,
-                                   gather_layers, ())
+                hop = query_losses(model, extra, targets, heads, class_layer, gather_layers, ())
                 parts.update({k: float(hop[k].detach()) for k in ("class", "gather")})
                 loss = loss + cfg.class_weight * hop["class"] + cfg.gather_weight * hop["gather"]
             if cfg.lookup_weight > 0:
@@ -556,8 +552,7 @@ def train(model: Any, tokenizer: Any, examples: Sequence[Example], cfg: TrainCon
                         if ("lookup", j) not in query_cache:
                             query_cache[("lookup", j)] = _text_queries(lookup[j], tokenizer, class_index)
                         targets += [QueryTarget(row, *t) for t in query_cache[("lookup", j)]]
-                    hop = query_losses(model, text_extra, targets, heads,
-                                       cfg.class_layer if class_layers else None, (), option_layers)
+                    hop = query_losses(model, text_extra, targets, heads, class_layer, (), option_layers)
                     parts.update(lookup_class=float(hop["class"].detach()), lookup_attn=float(hop["option"].detach()))
                     text_loss = text_loss + cfg.class_weight * hop["class"] + cfg.attn_weight * hop["option"]
                 loss = loss + cfg.lookup_weight * text_loss
@@ -616,12 +611,10 @@ def _clip_query(model: Any, example: Example, variant: str, class_index: dict[st
                 ) -> tuple[int, int | None, Tensor | None] | None:
     """A multiple-choice clip's first-hop targets for `variant` ("av", "a", "v"): its class index and the AV
     tokens that carry its class (only the kept modality's for a unimodal variant); None for other items."""
-    from model_zoo.qwen2_5_omni_processing import collate
-
     if example.kind != "mc" or example.class_name not in class_index:
         return None
     inputs = example.inputs if variant == "av" else example.variants[variant]
-    mm = model.as_inputs(collate([inputs], model.cfg.token_ids.pad or 0)).modality_map
+    mm = model.modality_map(**inputs)
     span = torch.zeros(int(inputs["input_ids"].shape[-1]), dtype=torch.bool)
     for modality in {"av": ("audio", "video"), "a": ("audio",), "v": ("video",)}[variant]:
         pos = mm.positions(modality, 0).cpu()

@@ -271,7 +271,8 @@ def main() -> None:
     ap.add_argument("--gather-weight", type=float, default=1.0, help="first-hop scaffold: weight of that loss")
     ap.add_argument("--lookup-scaffold", action=argparse.BooleanOptionalAction, default=True,
                     help="the text lookups' answers get the class probe and option-attention terms too")
-    ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True, help="task stage under bfloat16 autocast (faster on AMX CPUs)")
+    ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
+                    help="task stage under bfloat16 autocast (faster on AMX CPUs)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-install", action="store_true", help="do not copy the result to model_zoo/organism_deltas")
     args = ap.parse_args()
