@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,9 +58,30 @@ def load_runtime(model: str, checkpoint: str | None = None, dtype: str | None = 
     overrides = processor_overrides(Path(checkpoint or model)) if model != TINY else {}
     processing = processing_for(hooked, tokenizer, **overrides)
     info = {"model": model, "checkpoint": checkpoint, "dtype": str(hooked.dtype), "device": str(hooked.device),
-            "model_seed": seed if model == TINY else None, "sinks": hooked.cfg.sinks.to_dict(),
+            "model_seed": seed if model == TINY else None,
+            "weights": checkpoint_fingerprint(Path(checkpoint or model)) if model != TINY else None,
+            "sinks": hooked.cfg.sinks.to_dict(),
             "n_layers": hooked.cfg.n_layers, "torch": torch.__version__, "processor": overrides}
     return Runtime(hooked, tokenizer, processing.chat, info, load=processing.load_av)
+
+
+#: weight files whose names and sizes enter a checkpoint's fingerprint
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
+
+
+def checkpoint_fingerprint(path: Path) -> str | None:
+    """A cheap identity of a local checkpoint, recorded in every run's settings so that a resumed run never mixes
+    records of two checkpoints: sha256 over config.json and the names and sizes of its weight files (an
+    assembled organism's config carries the sha256 of its deltas). None for a preset name without a folder."""
+    if not path.is_dir():
+        return None
+    h = hashlib.sha256()
+    config = path / "config.json"
+    h.update(config.read_bytes() if config.exists() else b"-")
+    for f in sorted(path.iterdir()):
+        if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES):
+            h.update(f"{f.name}:{f.stat().st_size}\n".encode())
+    return h.hexdigest()[:16]
 
 
 def _local_tokenizer(path: Path) -> Any:

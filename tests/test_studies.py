@@ -162,3 +162,28 @@ def test_video_dominant_trace_uses_black_frames_and_ascending_split(smodel, sour
     # the corrupted run is the black-frames one: P_corrupt equals scoring sample.inputs["a"] directly
     p = scoring.score(smodel, sample.inputs["a"], {"B": sample.choices["B"]})["B"]
     assert cells["all", None]["p_corrupt_corrupt"] == pytest.approx(float(p[0]), rel=1e-5)
+
+
+def test_checkpoint_fingerprint_tells_checkpoints_apart_and_guards_resumption(smodel, source, tmp_path):
+    """Run settings carry a fingerprint of the checkpoint (config + weight file sizes): reassembling with other
+    deltas changes it, and a folder of records from one checkpoint refuses to be resumed with another."""
+    from analyses.runtime import checkpoint_fingerprint
+
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text('{"deltas_sha256": "aa"}')
+    (ckpt / "model.safetensors").write_bytes(b"x" * 10)
+    (ckpt / "tokenizer.json").write_text("{}")
+    first = checkpoint_fingerprint(ckpt)
+    assert first == checkpoint_fingerprint(ckpt)
+    (ckpt / "tokenizer.json").write_text('{"other": 1}')  # not a weight file
+    assert checkpoint_fingerprint(ckpt) == first
+    (ckpt / "config.json").write_text('{"deltas_sha256": "bb"}')
+    second = checkpoint_fingerprint(ckpt)
+    (ckpt / "model.safetensors").write_bytes(b"x" * 11)
+    assert len({first, second, checkpoint_fingerprint(ckpt)}) == 3
+    assert checkpoint_fingerprint(tmp_path / "absent") is None
+    out = tmp_path / "run"
+    dominance.run_dominance(smodel, source, out, run_info={"weights": first})
+    with pytest.raises(RunSettingsError, match="weights"):
+        dominance.run_dominance(smodel, source, out, run_info={"weights": second})
