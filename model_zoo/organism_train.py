@@ -710,5 +710,19 @@ def _check_resumable(path: Path, saved: dict[str, Any], now: dict[str, Any], ste
                          f"it (got steps={now['steps']})")
 
 
+def remaining_horizons(horizons: Sequence[int], out: str | Path) -> list[int]:
+    """The task-stage horizons still to run for a staged schedule (train to the first, then extend to each next
+    one: a warm restart of the cosine schedule each time). A run saved in `out` for H task steps has every horizon
+    below H behind it; if none is left, H itself (a rerun resumes at the end and adds no step)."""
+    horizons = [int(h) for h in horizons]
+    if not horizons or horizons[0] < 0 or any(b <= a for a, b in zip(horizons, horizons[1:])):
+        raise ValueError(f"horizons must be >= 0 and strictly increasing, got {horizons}")
+    state = Path(out) / "state.pt"
+    if not state.exists():
+        return horizons
+    saved = int(torch.load(state, weights_only=False)["config"]["steps"])
+    return [h for h in horizons if h >= saved] or [saved]
+
+
 def _is_trained(name: str) -> bool:
     return name.startswith(("audio_encoder.", "vision_encoder.")) or ".lora_" in name

@@ -7,13 +7,15 @@
 5. evaluate on val (AV / audio-only / video-only accuracy), calibrate the sink constants on val clips,
 6. write the deltas and constants to model_zoo/organism_deltas/ (the few MB that are committed).
 
-    .venv/bin/python scripts/train_organism.py [--out runs/organism_train] [--n-train 1200] [--steps 600]
+    .venv/bin/python scripts/train_organism.py [--out runs/organism_train] [--n-train 1200] [--steps 600 1100 1500]
 
-The defaults are the recipe of the committed deltas: 1,000 alignment steps, then 600 task steps of LoRA (rank 16,
+The defaults are the recipe of the committed deltas: 1,000 alignment steps, then task tuning with LoRA (rank 16,
 blocks 16-29) under bfloat16 autocast, with the lookup scaffold (option probes at block 21, attention to the right
 option at blocks 22-25), the first-hop scaffold (class probe at block 21, attention gathered on the class's AV
 tokens at blocks 17-19) and the text lookups (4 per step, sharing the class probe and option-attention terms).
-About 85 minutes on 2 cores after the clips are processed (about 10).
+The task stage runs to each horizon of `--steps` in turn, 600 then 1,100 then 1,500 steps: each extension
+recomputes the cosine schedule over the new total (a warm restart), exactly as resuming a finished run with a
+larger `--steps` does. About 2 hours on 2 cores after the clips are processed (about 10 minutes).
 """
 
 from __future__ import annotations
@@ -239,14 +241,16 @@ def main() -> None:
     from analyses.runtime import load_runtime
     from hooked_av.recipes.sinks import calibrate_sinks
     from model_zoo import organism
-    from model_zoo.organism_train import TrainConfig, tower_accuracy, train
+    from model_zoo.organism_train import TrainConfig, remaining_horizons, tower_accuracy, train
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(ROOT / "runs" / "organism_train"))
     ap.add_argument("--n-train", type=int, default=1200)
     ap.add_argument("--n-val", type=int, default=100)
     ap.add_argument("--align-steps", type=int, default=1000)
-    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--steps", type=int, nargs="+", default=[600, 1100, 1500],
+                    help="task-stage horizons, increasing: train to the first, then extend to each next one (the "
+                         "cosine schedule restarts warm over the new total)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--lora-rank", type=int, default=16)
@@ -285,21 +289,28 @@ def main() -> None:
     base = out / "base"
     if not (base / "config.json").exists():
         organism.assemble(base, seed=args.seed)
+    try:
+        horizons = remaining_horizons(args.steps, out / "train")
+    except ValueError as e:
+        ap.error(f"--steps: {e}")
     rt = load_runtime(str(base), seed=args.seed)
     train_ex = build_examples(data, "train", rt.process, rt.tokenizer, rt.model, out / "train_examples.pt", True)
     val_ex = build_examples(data, "val", rt.process, rt.tokenizer, rt.model, out / "val_examples.pt", False)
-    cfg = TrainConfig(out=str(out / "train"), seed=args.seed, align_steps=args.align_steps, steps=args.steps,
-                      batch_size=args.batch_size, lr=args.lr, lora_rank=args.lora_rank, lora_from=args.lora_from,
-                      align_batch_size=args.align_batch_size, aux_layer=args.aux_layer,
-                      aux_weight=args.aux_weight, attn_layers=tuple(args.attn_layers), attn_weight=args.attn_weight,
-                      lookup_weight=args.lookup_weight, lookup_batch=args.lookup_batch,
-                      lookup_pool=args.lookup_pool if args.lookup_weight > 0 else 0,
-                      class_layer=args.class_layer, class_weight=args.class_weight,
-                      gather_layers=tuple(args.gather_layers), gather_weight=args.gather_weight,
-                      lookup_scaffold=args.lookup_scaffold, bf16=args.bf16)
-    pool = lookup_pool(rt.tokenizer, cfg.lookup_pool, args.lookup_turns, args.seed) if cfg.lookup_pool else []
-    deltas = train(rt.model, rt.tokenizer, train_ex, cfg,
-                   evaluate_towers=lambda m: tower_accuracy(m, rt.tokenizer, val_ex, train_ex), lookup=pool)
+    for k, steps in enumerate(horizons):
+        if k:  # a fresh model: `train` adds the adapters and reloads every trained weight from the saved state
+            rt = load_runtime(str(base), seed=args.seed)
+        cfg = TrainConfig(out=str(out / "train"), seed=args.seed, align_steps=args.align_steps, steps=steps,
+                          batch_size=args.batch_size, lr=args.lr, lora_rank=args.lora_rank, lora_from=args.lora_from,
+                          align_batch_size=args.align_batch_size, aux_layer=args.aux_layer,
+                          aux_weight=args.aux_weight, attn_layers=tuple(args.attn_layers),
+                          attn_weight=args.attn_weight, lookup_weight=args.lookup_weight,
+                          lookup_batch=args.lookup_batch, lookup_pool=args.lookup_pool if args.lookup_weight > 0 else 0,
+                          class_layer=args.class_layer, class_weight=args.class_weight,
+                          gather_layers=tuple(args.gather_layers), gather_weight=args.gather_weight,
+                          lookup_scaffold=args.lookup_scaffold, bf16=args.bf16)
+        pool = lookup_pool(rt.tokenizer, cfg.lookup_pool, args.lookup_turns, args.seed) if cfg.lookup_pool else []
+        deltas = train(rt.model, rt.tokenizer, train_ex, cfg,
+                       evaluate_towers=lambda m: tower_accuracy(m, rt.tokenizer, val_ex, train_ex), lookup=pool)
     result = {"val": evaluate(rt.model, val_ex), "config": vars(args)}
     # sink constants from the trained model on val clips
     trained = out / "trained"

@@ -10,6 +10,7 @@ from hooked_av import HookedAVModel
 from model_zoo import lora
 from model_zoo.organism_train import (Example, LookupItem, QueryTarget, ScaffoldHeads, TrainConfig, _clip_query,
                                       option_layout, prefix_forward, prefix_last_logits, prefix_states, query_losses,
+                                      remaining_horizons,
                                       scaffold_losses, trainable_state, train)
 from model_zoo.tiny import TinyTokenizer, build_inputs, tiny_hf_thinker
 
@@ -31,6 +32,9 @@ def test_training_runs_resumes_and_writes_deltas(tmp_path):
     tower_before = next(model.audio_encoder.parameters()).clone()
     cfg = TrainConfig(out=str(tmp_path), align_steps=6, steps=6, batch_size=2, lora_rank=2, save_every=4,
                       log_every=1, warmup=2, lora_from=1)
+    assert remaining_horizons([6, 9], tmp_path) == [6, 9]  # nothing saved yet: the whole staged schedule
+    with pytest.raises(ValueError, match="strictly increasing"):
+        remaining_horizons([6, 6], tmp_path)
     deltas = train(model, TinyTokenizer(), examples(), cfg)
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == list(range(1, 13))
@@ -58,6 +62,9 @@ def test_training_runs_resumes_and_writes_deltas(tmp_path):
     train(model3, TinyTokenizer(), examples(), TrainConfig(**{**vars(cfg), "steps": 9}))
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == list(range(1, 16))
+    # a staged schedule rerun after the run was extended to 9 skips the horizons behind it
+    assert remaining_horizons([3, 6, 9, 12], tmp_path) == [9, 12]
+    assert remaining_horizons([3, 6], tmp_path) == [9]
 
 
 def test_lora_merge_equals_the_adapted_forward():
