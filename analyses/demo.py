@@ -62,6 +62,7 @@ def run_organism(out: str, seed: int, n_clips: int, max_traced: int, max_mitigat
         avsynth.generate(data, n_train=0, n_val=0, n_test=n_clips, seed=seed + 1, duration=DEMO_SECONDS)
     rt = load_runtime(str(ORGANISM_DIR), seed=seed)
     rt.info["organism_trained"] = trained
+    start_over_for(out_dir, rt.info["weights"])
     files = data / "avsynth"
     inputs = StudyInputs(mc_list=str(files / "test_mc.json"), media_root=str(data),
                          probes=str(files / "test_yesno.json"), object_blocks=str(files / "test_important_seconds.json"),
@@ -93,6 +94,30 @@ def run_organism(out: str, seed: int, n_clips: int, max_traced: int, max_mitigat
     print((out_dir / "report.md").read_text())
     print(f"wrote {out_dir / 'report.md'} and {out_dir / 'summary.json'} in {time.perf_counter() - t0:.0f} s")
     return 0
+
+
+#: what `start_over_for` keeps of an earlier demo run: the generated clips do not depend on the model
+KEPT_ON_RESTART = ("data",)
+WEIGHTS_STAMP = "weights.txt"
+
+
+def start_over_for(out_dir: Path, weights: str | None) -> None:
+    """The demo's results are those of one checkpoint: when `out_dir` holds a run of other weights (the organism
+    was retrained or reassembled since), clear its results (keeping the generated clips) instead of refusing to
+    resume, and say so. A run of the same weights resumes where it stopped."""
+    import shutil
+
+    stamp = out_dir / WEIGHTS_STAMP
+    old = stamp.read_text().strip() if stamp.exists() else None
+    stale = [p for p in out_dir.iterdir() if p.name not in (*KEPT_ON_RESTART, WEIGHTS_STAMP)] \
+        if out_dir.is_dir() else []
+    if stale and old != str(weights):
+        print(f"NOTE: {out_dir} holds results of other weights ({old or 'unrecorded'} there, {weights} now); "
+              "starting the study over (the generated clips are kept).\n")
+        for p in stale:
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(f"{weights}\n")
 
 
 def run_tiny(out: str = "runs/demo", seed: int = 0) -> int:

@@ -45,3 +45,25 @@ def test_demo_on_the_organism_writes_report_and_summary(tmp_path):
     assert demo.run(out=str(tmp_path), **knobs) == 0
     after = RecordStore(path).read()
     assert after == before and len({r["id"] for r in after}) == len(after) == 4
+
+
+def test_demo_starts_over_when_the_weights_changed(tmp_path, capsys):
+    """A demo folder of one checkpoint is cleared (clips kept) when the organism's weights change, instead of the
+    run refusing to resume; with the same weights nothing is touched."""
+    out = tmp_path / "demo"
+    (out / "data").mkdir(parents=True)
+    (out / "data" / "clip.mp4").write_bytes(b"clip")
+    (out / "dominance").mkdir()
+    (out / "dominance" / "settings.json").write_text("{}")
+    (out / "report.md").write_text("old")
+    demo.start_over_for(out, "aaaa")  # results without a stamp: of unknown weights, cleared
+    assert sorted(p.name for p in out.iterdir()) == ["data", demo.WEIGHTS_STAMP]
+    assert "unrecorded" in capsys.readouterr().out
+    (out / "report.md").write_text("a's report")
+    demo.start_over_for(out, "aaaa")  # same weights: resumes
+    assert (out / "report.md").read_text() == "a's report"
+    demo.start_over_for(out, "bbbb")
+    assert not (out / "report.md").exists() and (out / "data" / "clip.mp4").read_bytes() == b"clip"
+    assert "aaaa there, bbbb now" in capsys.readouterr().out
+    demo.start_over_for(tmp_path / "fresh", "cccc")
+    assert (tmp_path / "fresh" / demo.WEIGHTS_STAMP).read_text().strip() == "cccc"
