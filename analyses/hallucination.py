@@ -961,10 +961,15 @@ VERDICT_METRICS: tuple[tuple[str, bool], ...] = (("accuracy", True), ("f1", True
                                                  ("chair_i", False))
 
 
+#: metrics with no better side (a bias, not a quality): a resolved shift is reported beside the verdict
+SHIFT_METRICS: tuple[str, ...] = ("yes_ratio",)
+
+
 def mitigation_verdicts(summary: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """Per method (rows with `vs_plain`): "helps" when some metric's paired CI against plain lies entirely on the
     better side (accuracy / F1 up, CHAIR down) and none on the worse side, "hurts" for the reverse, "mixed" for
-    both, "no resolved difference" otherwise; with the metrics that decided it."""
+    both, "no resolved difference" otherwise; with the metrics that decided it, and `shifted`: the metrics without
+    a better side (yes-ratio) whose CI excludes 0, with the direction ("yes_ratio down")."""
     out: dict[str, dict[str, Any]] = {}
     for r in summary["rows"]:
         if "vs_plain" not in r:
@@ -978,7 +983,9 @@ def mitigation_verdicts(summary: Mapping[str, Any]) -> dict[str, dict[str, Any]]
                 (better if (e["low"] > 0) == up else worse).append(m)
         verdict = ("mixed" if better and worse else "helps" if better else "hurts" if worse
                    else "no resolved difference")
-        out[r["method"]] = {"verdict": verdict, "better": better, "worse": worse}
+        shifted = [f"{m} {'up' if e['low'] > 0 else 'down'}" for m in SHIFT_METRICS
+                   if (e := r["vs_plain"].get(m)) and (e["low"] > 0 or e["high"] < 0)]
+        out[r["method"]] = {"verdict": verdict, "better": better, "worse": worse, "shifted": shifted}
     return out
 
 

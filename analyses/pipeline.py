@@ -217,9 +217,11 @@ def _mitigation_section(m: dict[str, Any], amplification: dict[str, Any] | None)
     if "plot" in m["files"]:
         lines += [f"![mitigation against strength]({m['files']['plot']})", ""]
     if m.get("verdicts"):
-        lines += ["Against plain decoding (paired CIs above):", ""]
+        lines += ["Against plain decoding (verdict on accuracy, F1 and CHAIR; a resolved yes-ratio shift is named "
+                  "beside it; paired CIs above):", ""]
         for method, v in m["verdicts"].items():
-            why = ", ".join([*(f"{x} better" for x in v["better"]), *(f"{x} worse" for x in v["worse"])])
+            why = ", ".join([*(f"{x} better" for x in v["better"]), *(f"{x} worse" for x in v["worse"]),
+                             *v.get("shifted", ())])
             lines.append(f"- {method}: {v['verdict']}" + (f" ({why})" if why else ""))
         lines.append("")
     if amplification:

@@ -282,3 +282,26 @@ def test_mitigate_cli_rejects_unknown_methods(avh_media, tmp_path, capsys):
     root, probes, mc_list = avh_media
     assert main(_mitigate_args(root, probes, mc_list, tmp_path, "--methods", "plain,vcd")) == 2
     assert "unknown method 'vcd'" in capsys.readouterr().err
+
+
+def test_mitigation_verdicts_read_the_paired_cis():
+    """helps / hurts / mixed / no resolved difference from the directional metrics; a yes-ratio shift whose CI
+    excludes 0 is named beside the verdict, never counted as better or worse."""
+    from analyses.hallucination import mitigation_verdicts
+
+    def ci(lo, hi):
+        return {"value": (lo + hi) / 2, "low": lo, "high": hi}
+
+    rows = [{"method": "plain"},
+            {"method": "up", "vs_plain": {"accuracy": ci(0.01, 0.2), "f1": ci(-0.1, 0.1)}},
+            {"method": "down", "vs_plain": {"chair_s": ci(0.05, 0.3)}},
+            {"method": "both", "vs_plain": {"f1": ci(0.02, 0.1), "chair_i": ci(0.01, 0.2)}},
+            {"method": "bias", "vs_plain": {"accuracy": ci(-0.2, 0.1), "yes_ratio": ci(-0.38, -0.04)}},
+            {"method": "nan", "vs_plain": {"accuracy": ci(float("nan"), float("nan")), "yes_ratio": ci(-0.1, 0.1)}}]
+    v = mitigation_verdicts({"rows": rows})
+    assert "plain" not in v
+    assert v["up"] == {"verdict": "helps", "better": ["accuracy"], "worse": [], "shifted": []}
+    assert v["down"]["verdict"] == "hurts" and v["down"]["worse"] == ["chair_s"]
+    assert v["both"]["verdict"] == "mixed"
+    assert v["bias"] == {"verdict": "no resolved difference", "better": [], "worse": [], "shifted": ["yes_ratio down"]}
+    assert v["nan"]["verdict"] == "no resolved difference" and v["nan"]["shifted"] == []
