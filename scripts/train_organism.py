@@ -15,7 +15,7 @@ option at blocks 22-25), the first-hop scaffold (class probe at block 21, attent
 tokens at blocks 17-19) and the text lookups (4 per step, sharing the class probe and option-attention terms).
 The task stage runs to each horizon of `--steps` in turn, 600 then 1,100 then 1,500 steps: each extension
 recomputes the cosine schedule over the new total (a warm restart), exactly as resuming a finished run with a
-larger `--steps` does. About 2 hours on 2 cores after the clips are processed (about 10 minutes).
+larger `--steps` does. About 2.5 hours on 2 cores after the clips are processed (about 10 minutes).
 """
 
 from __future__ import annotations
