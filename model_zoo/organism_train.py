@@ -27,7 +27,7 @@ import random
 import re
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +104,9 @@ class TrainConfig:
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
     lora_from: int = 0  # first decoder block with adapters; the blocks below are frozen and run once per item
     p_unimodal: float = 0.3  # probability of training on a unimodal variant when one is usable
+    #: task-stage sampling weight of the multiple-choice clips whose class never sounds (a distractor may): they
+    #: teach the joint run to read the picture when the sound misleads (1.0: uniform sampling)
+    silent_weight: float = 1.0
     #: scaffold for the permuted letter lookup (multiple-choice items only; nothing of it is saved in the deltas):
     #: linear probes on the residual entering block `aux_layer` at each option's name tokens, one telling the
     #: clip's option from the others and one reading the option's own letter (weight `aux_weight`), and, at the
@@ -495,7 +498,7 @@ def train(model: Any, tokenizer: Any, examples: Sequence[Example], cfg: TrainCon
                 for p in tower_params:
                     p.requires_grad_(False)
                 prefixes = {}
-            idx = rng.sample(range(len(examples)), min(cfg.batch_size, len(examples)))
+            idx = task_batch(rng, examples, cfg.batch_size, cfg.silent_weight)
             keys = []
             for i in idx:
                 usable = sorted(examples[i].variants)
@@ -595,6 +598,22 @@ def train(model: Any, tokenizer: Any, examples: Sequence[Example], cfg: TrainCon
     return deltas
 
 
+def task_batch(rng: random.Random, examples: Sequence[Example], batch_size: int, silent_weight: float = 1.0
+               ) -> list[int]:
+    """Indices of one task-stage batch, without replacement: uniform (`rng.sample`, the recipe's stream) when
+    `silent_weight` is 1, else weighted (Efraimidis-Spirakis keys u^(1/w)), multiple-choice clips whose class
+    never sounds weighing `silent_weight` and the others 1."""
+    k = min(batch_size, len(examples))
+    if silent_weight == 1.0:
+        return rng.sample(range(len(examples)), k)
+    if not silent_weight > 0:
+        raise ValueError(f"silent_weight must be > 0, got {silent_weight}")
+    weights = [silent_weight if e.kind == "mc" and e.audio_present and not any(e.audio_present) else 1.0
+               for e in examples]
+    keys = [rng.random() ** (1.0 / w) for w in weights]
+    return sorted(range(len(examples)), key=keys.__getitem__, reverse=True)[:k]
+
+
 def _lookup_target(example: Example, tokenizer: Any) -> tuple[list[tuple[int, int, int]], int] | None:
     """A multiple-choice item's option layout and answer letter index (None for other items)."""
     if example.kind != "mc":
@@ -692,13 +711,16 @@ def tower_accuracy(model: Any, tokenizer: Any, examples: Sequence[Example], trai
 #: over the new total, a warm restart), the log cadence and the thread count do not change what is computed
 EXTENSIBLE = ("steps", "save_every", "log_every", "threads")
 #: settings of the task stage alone: they may change while a resumed run has not begun that stage
-TASK_STAGE = ("lr", "batch_size", "p_unimodal", "aux_layer", "aux_weight", "attn_layers", "attn_weight",
-              "lookup_weight", "lookup_batch", "lookup_pool", "class_layer", "class_weight", "gather_layers",
-              "gather_weight", "lookup_scaffold", "bf16")
+TASK_STAGE = ("lr", "batch_size", "p_unimodal", "silent_weight", "aux_layer", "aux_weight", "attn_layers",
+              "attn_weight", "lookup_weight", "lookup_batch", "lookup_pool", "class_layer", "class_weight",
+              "gather_layers", "gather_weight", "lookup_scaffold", "bf16")
 
 
 def _check_resumable(path: Path, saved: dict[str, Any], now: dict[str, Any], step: int = 0) -> None:
     """Raise unless a run saved with `saved` at `step` may go on with `now`."""
+    # a setting added after the run was saved counts as its default there
+    defaults = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
+    saved = {**{k: v for k, v in defaults.items() if k not in saved}, **saved}
     diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
     free = EXTENSIBLE + (TASK_STAGE if step <= saved.get("align_steps", 0) else ())
     fixed = [k for k in diff if k not in free]

@@ -275,6 +275,8 @@ def main() -> None:
     ap.add_argument("--gather-weight", type=float, default=1.0, help="first-hop scaffold: weight of that loss")
     ap.add_argument("--lookup-scaffold", action=argparse.BooleanOptionalAction, default=True,
                     help="the text lookups' answers get the class probe and option-attention terms too")
+    ap.add_argument("--silent-weight", type=float, default=1.0,
+                    help="task-stage sampling weight of the clips whose class never sounds (1: uniform)")
     ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
                     help="task stage under bfloat16 autocast (faster on AMX CPUs)")
     ap.add_argument("--seed", type=int, default=0)
@@ -307,7 +309,7 @@ def main() -> None:
                           lookup_batch=args.lookup_batch, lookup_pool=args.lookup_pool if args.lookup_weight > 0 else 0,
                           class_layer=args.class_layer, class_weight=args.class_weight,
                           gather_layers=tuple(args.gather_layers), gather_weight=args.gather_weight,
-                          lookup_scaffold=args.lookup_scaffold, bf16=args.bf16)
+                          lookup_scaffold=args.lookup_scaffold, silent_weight=args.silent_weight, bf16=args.bf16)
         pool = lookup_pool(rt.tokenizer, cfg.lookup_pool, args.lookup_turns, args.seed) if cfg.lookup_pool else []
         deltas = train(rt.model, rt.tokenizer, train_ex, cfg,
                        evaluate_towers=lambda m: tower_accuracy(m, rt.tokenizer, val_ex, train_ex), lookup=pool)

@@ -11,7 +11,7 @@ from model_zoo import lora
 from model_zoo.organism_train import (Example, LookupItem, QueryTarget, ScaffoldHeads, TrainConfig, _clip_query,
                                       option_layout, prefix_forward, prefix_last_logits, prefix_states, query_losses,
                                       remaining_horizons,
-                                      scaffold_losses, trainable_state, train)
+                                      scaffold_losses, task_batch, trainable_state, train)
 from model_zoo.tiny import TinyTokenizer, build_inputs, tiny_hf_thinker
 
 
@@ -258,3 +258,24 @@ def test_training_with_the_first_hop_scaffold_and_bf16(tmp_path):
     assert sum(p["class"] for p in task[-3:]) < sum(p["class"] for p in task[:3])
     assert sum(p["gather"] for p in task[-3:]) < sum(p["gather"] for p in task[:3])
     assert not any("cls" in k or "match" in k for k in load_file(str(deltas)))
+
+
+def test_task_batch_weights_up_the_clips_whose_class_is_silent():
+    """Weight 1 keeps the recipe's uniform stream (`rng.sample`); a larger weight draws the multiple-choice clips
+    whose class never sounds more often, still without repeats; a non-positive weight is an error."""
+    import random
+
+    def ex(kind, sounds):
+        return Example(inputs={}, answer_id=0, kind=kind, class_name="c", audio_present=sounds)
+
+    items = [ex("mc", [False, False])] * 5 + [ex("mc", [True, False])] * 15 + [ex("yesno", [False, False])] * 5
+    assert task_batch(random.Random(3), items, 8) == random.Random(3).sample(range(len(items)), 8)
+    rng = random.Random(0)
+    draws = [task_batch(rng, items, 8, silent_weight=8.0) for _ in range(300)]
+    assert all(len(set(d)) == len(d) == 8 for d in draws)
+    silent = sum(i < 5 for d in draws for i in d) / (300 * 8)
+    assert silent > 0.4  # uniform: 5 / 25 = 0.2
+    yesno = sum(i >= 20 for d in draws for i in d) / (300 * 8)
+    assert yesno < 0.2  # the silent-audio yes/no probes are not weighted up
+    with pytest.raises(ValueError, match="silent_weight must be > 0"):
+        task_batch(random.Random(0), items, 8, silent_weight=0.0)
