@@ -107,16 +107,15 @@ def start_over_for(out_dir: Path, weights: str | None) -> None:
     resume, and say so. A run of the same weights resumes where it stopped."""
     import shutil
 
+    out_dir.mkdir(parents=True, exist_ok=True)
     stamp = out_dir / WEIGHTS_STAMP
     old = stamp.read_text().strip() if stamp.exists() else None
-    stale = [p for p in out_dir.iterdir() if p.name not in (*KEPT_ON_RESTART, WEIGHTS_STAMP)] \
-        if out_dir.is_dir() else []
+    stale = [p for p in out_dir.iterdir() if p.name not in (*KEPT_ON_RESTART, WEIGHTS_STAMP)]
     if stale and old != str(weights):
         print(f"NOTE: {out_dir} holds results of other weights ({old or 'unrecorded'} there, {weights} now); "
               "starting the study over (the generated clips are kept).\n")
         for p in stale:
             shutil.rmtree(p) if p.is_dir() else p.unlink()
-    out_dir.mkdir(parents=True, exist_ok=True)
     stamp.write_text(f"{weights}\n")
 
 

@@ -221,7 +221,7 @@ def _mitigation_section(m: dict[str, Any], amplification: dict[str, Any] | None)
                   "beside it; paired CIs above):", ""]
         for method, v in m["verdicts"].items():
             why = ", ".join([*(f"{x} better" for x in v["better"]), *(f"{x} worse" for x in v["worse"]),
-                             *v.get("shifted", ())])
+                             *v["shifted"]])
             lines.append(f"- {method}: {v['verdict']}" + (f" ({why})" if why else ""))
         lines.append("")
     if amplification:

@@ -55,11 +55,12 @@ def load_runtime(model: str, checkpoint: str | None = None, dtype: str | None = 
                                        tau=tau if tau is not None else s.tau, eps=s.eps,
                                        provenance="given on the command line", calibrated=True))
     hooked.eval()
-    overrides = processor_overrides(Path(checkpoint or model)) if model != TINY else {}
+    folder = Path(checkpoint or model)
+    overrides = processor_overrides(folder) if model != TINY else {}
     processing = processing_for(hooked, tokenizer, **overrides)
     info = {"model": model, "checkpoint": checkpoint, "dtype": str(hooked.dtype), "device": str(hooked.device),
             "model_seed": seed if model == TINY else None,
-            "weights": checkpoint_fingerprint(Path(checkpoint or model)) if model != TINY else None,
+            "weights": checkpoint_fingerprint(folder) if model != TINY else None,
             "sinks": hooked.cfg.sinks.to_dict(),
             "n_layers": hooked.cfg.n_layers, "torch": torch.__version__, "processor": overrides}
     return Runtime(hooked, tokenizer, processing.chat, info, load=processing.load_av)

@@ -21,6 +21,7 @@ larger `--steps` does. About 2.5 hours on 2 cores after the clips are processed 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import random
 import shutil
@@ -283,6 +284,10 @@ def main() -> None:
     ap.add_argument("--no-install", action="store_true", help="do not copy the result to model_zoo/organism_deltas")
     args = ap.parse_args()
     out = Path(args.out)
+    try:
+        horizons = remaining_horizons(args.steps, out / "train")
+    except ValueError as e:
+        ap.error(f"--steps: {e}")
     out.mkdir(parents=True, exist_ok=True)
     data = out / "data"
     if not (data / "avsynth" / "val_truth.json").exists():
@@ -291,27 +296,23 @@ def main() -> None:
     base = out / "base"
     if not (base / "config.json").exists():
         organism.assemble(base, seed=args.seed)
-    try:
-        horizons = remaining_horizons(args.steps, out / "train")
-    except ValueError as e:
-        ap.error(f"--steps: {e}")
     rt = load_runtime(str(base), seed=args.seed)
     train_ex = build_examples(data, "train", rt.process, rt.tokenizer, rt.model, out / "train_examples.pt", True)
     val_ex = build_examples(data, "val", rt.process, rt.tokenizer, rt.model, out / "val_examples.pt", False)
+    cfg = TrainConfig(out=str(out / "train"), seed=args.seed, align_steps=args.align_steps, steps=horizons[0],
+                      batch_size=args.batch_size, lr=args.lr, lora_rank=args.lora_rank, lora_from=args.lora_from,
+                      align_batch_size=args.align_batch_size, aux_layer=args.aux_layer,
+                      aux_weight=args.aux_weight, attn_layers=tuple(args.attn_layers), attn_weight=args.attn_weight,
+                      lookup_weight=args.lookup_weight, lookup_batch=args.lookup_batch,
+                      lookup_pool=args.lookup_pool if args.lookup_weight > 0 else 0,
+                      class_layer=args.class_layer, class_weight=args.class_weight,
+                      gather_layers=tuple(args.gather_layers), gather_weight=args.gather_weight,
+                      lookup_scaffold=args.lookup_scaffold, silent_weight=args.silent_weight, bf16=args.bf16)
+    pool = lookup_pool(rt.tokenizer, cfg.lookup_pool, args.lookup_turns, args.seed) if cfg.lookup_pool else []
     for k, steps in enumerate(horizons):
         if k:  # a fresh model: `train` adds the adapters and reloads every trained weight from the saved state
             rt = load_runtime(str(base), seed=args.seed)
-        cfg = TrainConfig(out=str(out / "train"), seed=args.seed, align_steps=args.align_steps, steps=steps,
-                          batch_size=args.batch_size, lr=args.lr, lora_rank=args.lora_rank, lora_from=args.lora_from,
-                          align_batch_size=args.align_batch_size, aux_layer=args.aux_layer,
-                          aux_weight=args.aux_weight, attn_layers=tuple(args.attn_layers),
-                          attn_weight=args.attn_weight, lookup_weight=args.lookup_weight,
-                          lookup_batch=args.lookup_batch, lookup_pool=args.lookup_pool if args.lookup_weight > 0 else 0,
-                          class_layer=args.class_layer, class_weight=args.class_weight,
-                          gather_layers=tuple(args.gather_layers), gather_weight=args.gather_weight,
-                          lookup_scaffold=args.lookup_scaffold, silent_weight=args.silent_weight, bf16=args.bf16)
-        pool = lookup_pool(rt.tokenizer, cfg.lookup_pool, args.lookup_turns, args.seed) if cfg.lookup_pool else []
-        deltas = train(rt.model, rt.tokenizer, train_ex, cfg,
+        deltas = train(rt.model, rt.tokenizer, train_ex, dataclasses.replace(cfg, steps=steps),
                        evaluate_towers=lambda m: tower_accuracy(m, rt.tokenizer, val_ex, train_ex), lookup=pool)
     result = {"val": evaluate(rt.model, val_ex), "config": vars(args)}
     # sink constants from the trained model on val clips
