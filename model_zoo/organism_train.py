@@ -57,6 +57,9 @@ class Example:
     #: per video token (processor order), the class whose picture covers its cell ("" for background); when set,
     #: it replaces the per-chunk video target: a token is aligned to what it shows, as the paper's object tokens
     video_token_classes: list[str] = field(default_factory=list)
+    #: per 2-s chunk, whether what the chunk sounds is faint (a distractor well under the nominal level): with
+    #: `TrainConfig.faint_absent` its tokens are aligned partly to ABSENT, so the towers keep how strong a sound is
+    audio_faint: list[bool] = field(default_factory=list)
     sample_id: str = ""
 
     def token_classes(self, modality: str, chunks: Sequence[int]) -> list[str]:
@@ -68,6 +71,10 @@ class Example:
             return list(self.video_token_classes)
         per_chunk = self.chunk_classes(modality)
         return [per_chunk[c] if c < len(per_chunk) else "" for c in chunks]
+
+    def token_faint(self, chunks: Sequence[int]) -> list[bool]:
+        """Whether each audio token (given its chunk index) carries a faint sound."""
+        return [c < len(self.audio_faint) and self.audio_faint[c] for c in chunks]
 
     def chunk_classes(self, modality: str) -> list[str]:
         given = self.audio_classes if modality == "audio" else self.video_classes
@@ -95,6 +102,10 @@ class TrainConfig:
     align_batch_size: int = 16
     temperature: float = 0.07
     absent_weight: float = 0.25  # cross-entropy weight of "nothing here" tokens (most video tokens are background)
+    #: share of the alignment target given to ABSENT for the audio tokens of faint chunks (`Example.audio_faint`):
+    #: 0 aligns a faint distractor exactly like the clip's own sound, which leaves the decoder no way to tell a
+    #: faint distractor over silence from a loud class sound; 0.5 places it between the class and "nothing"
+    faint_absent: float = 0.0
     steps: int = 600
     lr: float = 1e-3
     batch_size: int = 8
@@ -166,27 +177,41 @@ def class_table(model: Any, tokenizer: Any, examples: Sequence[Example]) -> tupl
 
 
 def _alignment_loss(model: Any, batch: Sequence[Example], classes: list[str], table: Tensor,
-                    temperature: float, absent_weight: float = 1.0) -> tuple[Tensor, float]:
-    """Cosine-logit cross-entropy of every AV token against the class table, plus a log-RMS match."""
+                    temperature: float, absent_weight: float = 1.0, faint_absent: float = 0.0
+                    ) -> tuple[Tensor, float]:
+    """Cosine-logit cross-entropy of every AV token against the class table, plus a log-RMS match. With
+    `faint_absent` > 0, a faint audio token's target is the mixture (1 - faint_absent) class + faint_absent
+    ABSENT (a class-weighted soft cross-entropy); the accuracy counts its class."""
     from model_zoo.qwen2_5_omni_processing import collate
 
     index = {c: i for i, c in enumerate(classes)}
     inputs = model.as_inputs(collate([e.inputs for e in batch], model.cfg.token_ids.pad or 0))
     embeds = model.embed_inputs(inputs)  # towers run here; text rows are the frozen embedding
     mm = inputs.modality_map
-    outs, targets = [], []
+    outs, targets, faint = [], [], []
     for b, ex in enumerate(batch):
         for modality in ("audio", "video"):
             pos = mm.positions(modality, b)
             if not len(pos):
                 continue
-            targets.append(torch.tensor([index[c] for c in ex.token_classes(modality, mm.chunk[b, pos].tolist())]))
+            chunks = mm.chunk[b, pos].tolist()
+            targets.append(torch.tensor([index[c] for c in ex.token_classes(modality, chunks)]))
+            faint.append(torch.tensor(ex.token_faint(chunks) if modality == "audio" else [False] * len(pos)))
             outs.append(embeds[b, pos.to(embeds.device)])
     out, target = torch.cat(outs), torch.cat(targets).to(embeds.device)
     logits = F.normalize(out, dim=-1) @ F.normalize(table, dim=-1).T / temperature
     weight = torch.ones(len(classes), device=logits.device)
     weight[0] = absent_weight  # classes[0] is ABSENT
-    ce = F.cross_entropy(logits, target, weight=weight)
+    soft = torch.cat(faint).to(embeds.device) & (target != 0)
+    if faint_absent > 0 and soft.any():
+        probs = F.one_hot(target, len(classes)).to(logits.dtype)
+        probs[soft] *= 1 - faint_absent
+        probs[soft, 0] += faint_absent
+        per_token = -(probs * logits.log_softmax(-1)).sum(-1)
+        token_weight = probs @ weight
+        ce = (token_weight * per_token).sum() / token_weight.sum()
+    else:
+        ce = F.cross_entropy(logits, target, weight=weight)
     rms = (out.pow(2).mean(-1).sqrt().log() - table[target].pow(2).mean(-1).sqrt().log()).pow(2).mean()
     return ce + rms, float((logits.argmax(-1) == target).float().mean())
 
@@ -420,6 +445,11 @@ def train(model: Any, tokenizer: Any, examples: Sequence[Example], cfg: TrainCon
 
     if not 0 <= cfg.lora_from < len(model.blocks):
         raise ValueError(f"lora_from must be in [0, {len(model.blocks) - 1}], got {cfg.lora_from}")
+    if not 0 <= cfg.faint_absent < 1:
+        raise ValueError(f"faint_absent must be in [0, 1), got {cfg.faint_absent}")
+    if cfg.faint_absent > 0 and not any(any(ex.audio_faint) for ex in examples):
+        raise ValueError("faint_absent > 0 but no example marks a faint chunk (Example.audio_faint); examples "
+                         "cached before that field existed must be rebuilt")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(cfg.threads)
@@ -490,7 +520,8 @@ def train(model: Any, tokenizer: Any, examples: Sequence[Example], cfg: TrainCon
             batch = rng.sample(list(examples), min(cfg.align_batch_size, len(examples)))
             for g in opt.param_groups:
                 g["lr"] = _cosine_lr(step, cfg.align_steps, cfg.align_lr, cfg.warmup)
-            loss, acc = _alignment_loss(model, batch, classes, table, cfg.temperature, cfg.absent_weight)
+            loss, acc = _alignment_loss(model, batch, classes, table, cfg.temperature, cfg.absent_weight,
+                                         cfg.faint_absent)
             params = tower_params
         else:
             stage, opt, params = "task", opt_task, lora_params
@@ -680,12 +711,14 @@ def tower_accuracy(model: Any, tokenizer: Any, examples: Sequence[Example], trai
                    temperature: float = 0.07, batch_size: int = 16) -> dict[str, float]:
     """How well the clip's content reaches the LM's embedding space, per modality: the share of tokens whose
     nearest class embedding (cosine) is their alignment target, over tokens that carry a class
-    (`tower_acc_<m>`) and over tokens that carry nothing (`tower_absent_acc_<m>`)."""
+    (`tower_acc_<m>`) and over tokens that carry nothing (`tower_absent_acc_<m>`); for the audio tokens of faint
+    chunks, the share whose nearest class other than ABSENT is theirs (`tower_faint_acc_audio`)."""
     from model_zoo.qwen2_5_omni_processing import collate
 
     classes, table = class_table(model, tokenizer, train_examples)
     index = {c: i for i, c in enumerate(classes)}
-    hits = {(m, absent): [0, 0] for m in ("audio", "video") for absent in (False, True)}
+    hits = {(m, kind): [0, 0] for m in ("audio", "video") for kind in ("", "absent_")}
+    hits[("audio", "faint_")] = [0, 0]
     for s in range(0, len(examples), batch_size):
         batch = examples[s:s + batch_size]
         inputs = model.as_inputs(collate([e.inputs for e in batch], model.cfg.token_ids.pad or 0))
@@ -694,17 +727,18 @@ def tower_accuracy(model: Any, tokenizer: Any, examples: Sequence[Example], trai
         for b, ex in enumerate(batch):
             for modality in ("audio", "video"):
                 pos = mm.positions(modality, b)
-                targets = ex.token_classes(modality, mm.chunk[b, pos].tolist())
-                pred = (F.normalize(embeds[b, pos], dim=-1) @ F.normalize(table, dim=-1).T).argmax(-1).tolist()
-                for p, t in zip(pred, targets):
+                chunks = mm.chunk[b, pos].tolist()
+                targets = ex.token_classes(modality, chunks)
+                faint = ex.token_faint(chunks) if modality == "audio" else [False] * len(chunks)
+                sims = F.normalize(embeds[b, pos], dim=-1) @ F.normalize(table, dim=-1).T
+                pred, pred_class = sims.argmax(-1).tolist(), (sims[:, 1:].argmax(-1) + 1).tolist()
+                for p, pc, t, f in zip(pred, pred_class, targets, faint):
                     if t in index:
-                        h = hits[(modality, t == "")]
-                        h[0] += int(p == index[t])
+                        kind = "absent_" if t == "" else "faint_" if f else ""
+                        h = hits[(modality, kind)]
+                        h[0] += int((pc if kind == "faint_" else p) == index[t])
                         h[1] += 1
-    out = {}
-    for (m, absent), (h, n) in hits.items():
-        out[f"tower_{'absent_' if absent else ''}acc_{m}"] = h / max(n, 1)
-    return out
+    return {f"tower_{kind}acc_{m}": h / max(n, 1) for (m, kind), (h, n) in hits.items()}
 
 
 #: settings that may change when a run is resumed: more task steps extend it (the cosine schedule is recomputed

@@ -39,10 +39,12 @@ CLIP_SECONDS = 6
 YES_NO_SHARE = 0.25  # fraction of training items that are yes/no probes
 
 
-def chunk_classes(truth: dict, n_chunks: int) -> dict[str, list[str]]:
+def chunk_classes(truth: dict, n_chunks: int) -> dict[str, list]:
     """What each 2-s chunk of a clip actually sounds and shows (the alignment targets): the labelled class where
-    it sounds / is on screen, else a distractor sound, or the confusable / distractor glyph, else nothing ("")."""
-    audio, video = [], []
+    it sounds / is on screen, else a distractor sound, or the confusable / distractor glyph, else nothing ("");
+    and whether the chunk's sound is faint (a distractor sound: 6 dB or more under the nominal level over
+    silence, 10 dB or more under the class beside it)."""
+    audio, video, faint = [], [], []
     distractor = truth["audio"].get("distractor") or {}
     glyphs = {g["role"]: g for g in truth["video"]["glyphs"]}
     for c in range(n_chunks):
@@ -52,10 +54,11 @@ def chunk_classes(truth: dict, n_chunks: int) -> dict[str, list[str]]:
             audio.append(distractor["class"])
         else:
             audio.append("")
+        faint.append(c not in truth["sounding_chunks"] and c in distractor.get("chunks", []))
         shown = next((g["class"] for role in ("target", "confusable", "distractor")
                       if (g := glyphs.get(role)) and c in g["chunks"]), "")
         video.append(shown)
-    return {"audio_classes": audio, "video_classes": video}
+    return {"audio_classes": audio, "video_classes": video, "audio_faint": faint}
 
 
 #: a video token is labelled with a glyph's class when the glyph's box covers this share of the token's cell
@@ -276,6 +279,8 @@ def main() -> None:
     ap.add_argument("--gather-weight", type=float, default=1.0, help="first-hop scaffold: weight of that loss")
     ap.add_argument("--lookup-scaffold", action=argparse.BooleanOptionalAction, default=True,
                     help="the text lookups' answers get the class probe and option-attention terms too")
+    ap.add_argument("--faint-absent", type=float, default=0.0,
+                    help="alignment: share of a faint distractor sound's target given to ABSENT (0: none)")
     ap.add_argument("--silent-weight", type=float, default=1.0,
                     help="task-stage sampling weight of the clips whose class never sounds (1: uniform)")
     ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
@@ -307,7 +312,8 @@ def main() -> None:
                       lookup_pool=args.lookup_pool if args.lookup_weight > 0 else 0,
                       class_layer=args.class_layer, class_weight=args.class_weight,
                       gather_layers=tuple(args.gather_layers), gather_weight=args.gather_weight,
-                      lookup_scaffold=args.lookup_scaffold, silent_weight=args.silent_weight, bf16=args.bf16)
+                      lookup_scaffold=args.lookup_scaffold, silent_weight=args.silent_weight,
+                      faint_absent=args.faint_absent, bf16=args.bf16)
     pool = lookup_pool(rt.tokenizer, cfg.lookup_pool, args.lookup_turns, args.seed) if cfg.lookup_pool else []
     for k, steps in enumerate(horizons):
         if k:  # a fresh model: `train` adds the adapters and reloads every trained weight from the saved state

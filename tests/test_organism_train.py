@@ -279,3 +279,83 @@ def test_task_batch_weights_up_the_clips_whose_class_is_silent():
     assert yesno < 0.2  # the silent-audio yes/no probes are not weighted up
     with pytest.raises(ValueError, match="silent_weight must be > 0"):
         task_batch(random.Random(0), items, 8, silent_weight=0.0)
+
+
+def faint_examples():
+    """`examples()` with chunk 1 sounding a faint distractor ("cat meowing") instead of silence."""
+    out = examples()
+    for ex in out:
+        ex.audio_classes = ["dog barking", "cat meowing", "dog barking", "dog barking"]
+        ex.audio_faint = [False, True, False, False]
+    return out
+
+
+def test_faint_alignment_targets_mix_the_class_with_absent():
+    """The soft path weighs tokens as F.cross_entropy's class weights do (a vanishing mixture gives the hard loss);
+    a real mixture changes the loss; examples without faint chunks never take the soft path."""
+    from model_zoo.organism_train import _alignment_loss, class_table
+
+    torch.manual_seed(0)
+    model = HookedAVModel.from_hf_model(tiny_hf_thinker(seed=0))
+    batch = faint_examples()[:2]
+    classes, table = class_table(model, TinyTokenizer(), faint_examples())
+    with torch.no_grad():
+        hard, acc = _alignment_loss(model, batch, classes, table, 0.07, absent_weight=0.25)
+        tiny, acc_tiny = _alignment_loss(model, batch, classes, table, 0.07, absent_weight=0.25, faint_absent=1e-7)
+        soft, _ = _alignment_loss(model, batch, classes, table, 0.07, absent_weight=0.25, faint_absent=0.5)
+        plain = examples()[:2]
+        assert torch.equal(_alignment_loss(model, plain, classes, table, 0.07, 0.25, faint_absent=0.5)[0],
+                           _alignment_loss(model, plain, classes, table, 0.07, 0.25)[0])
+    assert torch.allclose(tiny, hard, rtol=1e-5) and acc_tiny == acc
+    assert abs(float(soft - hard)) > 1e-3
+
+
+def test_faint_absent_moves_faint_audio_tokens_toward_absent(tmp_path):
+    """A few alignment steps with faint_absent put more of a faint token's cosine-softmax on ABSENT than the hard
+    targets do; tower_accuracy reports the faint tokens apart."""
+    from model_zoo.organism_train import class_table, tower_accuracy
+
+    def absent_share(faint_absent, out):
+        model = HookedAVModel.from_hf_model(tiny_hf_thinker(seed=0))
+        cfg = TrainConfig(out=str(tmp_path / out), align_steps=25, steps=0, lora_rank=0, align_batch_size=4,
+                          faint_absent=faint_absent, warmup=2, log_every=25, save_every=25)
+        train(model, TinyTokenizer(), faint_examples(), cfg)
+        classes, table = class_table(model, TinyTokenizer(), faint_examples())
+        ex = faint_examples()[0]
+        with torch.no_grad():
+            inputs = model.as_inputs(ex.inputs)
+            embeds = model.embed_inputs(inputs)
+            pos = inputs.modality_map.positions("audio", 0)
+            faint = torch.tensor(ex.token_faint(inputs.modality_map.chunk[0, pos].tolist()))
+            logits = torch.nn.functional.normalize(embeds[0, pos], dim=-1) @ torch.nn.functional.normalize(
+                table, dim=-1).T / cfg.temperature
+        assert faint.any()
+        report = tower_accuracy(model, TinyTokenizer(), faint_examples(), faint_examples())
+        assert {"tower_acc_audio", "tower_faint_acc_audio", "tower_absent_acc_video"} <= set(report)
+        return float(logits[faint].softmax(-1)[:, 0].mean())
+
+    assert absent_share(0.5, "soft") > absent_share(0.0, "hard") + 0.05
+
+
+def test_faint_absent_is_checked(tmp_path):
+    model = HookedAVModel.from_hf_model(tiny_hf_thinker(seed=0))
+    with pytest.raises(ValueError, match="faint_absent must be in"):
+        train(model, TinyTokenizer(), faint_examples(), TrainConfig(out=str(tmp_path), faint_absent=1.0))
+    with pytest.raises(ValueError, match="no example marks a faint chunk"):
+        train(model, TinyTokenizer(), examples(), TrainConfig(out=str(tmp_path), faint_absent=0.5))
+
+
+def test_recipe_marks_distractor_chunks_faint():
+    """scripts/train_organism.py: a chunk where only the distractor sounds is faint, the class's own chunks not."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "train_organism.py"
+    spec = importlib.util.spec_from_file_location("train_organism_script", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    truth = {"label": "dog barking", "sounding_chunks": [0], "video": {"glyphs": []},
+             "audio": {"distractor": {"class": "cat meowing", "chunks": [0, 1]}}}
+    got = script.chunk_classes(truth, 3)
+    assert got["audio_classes"] == ["dog barking", "cat meowing", ""]
+    assert got["audio_faint"] == [False, True, False]
