@@ -1,9 +1,10 @@
 """Measure the organism against its targets on a held-out avsynth split (seed != training seed):
 20-way accuracy with audio + video, audio only and video only; the paper's dominance filter counts; sinks per
-layer among audio / video / text tokens. Writes `model_zoo/organism_deltas/evaluation.json` (committed beside the
-deltas) and prints it.
+layer among audio / video / text tokens. Writes `<out>/evaluation.json` and, unless --no-install (a candidate
+checkpoint), `model_zoo/organism_deltas/evaluation.json` (committed beside the deltas), and prints it.
 
     .venv/bin/python scripts/evaluate_organism.py [--clips 600] [--limit N] [--out runs/organism_eval]
+        [--organism .assets/organism] [--no-install]
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--out", default=str(ROOT / "runs" / "organism_eval"))
     ap.add_argument("--organism", default=str(ROOT / ".assets" / "organism"))
+    ap.add_argument("--no-install", action="store_true",
+                    help="write the result only to <out>/evaluation.json (evaluating a candidate checkpoint)")
     args = ap.parse_args()
     out = Path(args.out)
     data = out / "data"
@@ -70,7 +73,9 @@ def main() -> None:
         "sink_clips": min(SINK_CLIPS, len(samples)),
     }
     text = json.dumps(result, indent=2) + "\n"
-    atomic_write_text(ROOT / "model_zoo" / "organism_deltas" / "evaluation.json", text)
+    atomic_write_text(out / "evaluation.json", text)
+    if not args.no_install:
+        atomic_write_text(ROOT / "model_zoo" / "organism_deltas" / "evaluation.json", text)
     print(text)
 
 
