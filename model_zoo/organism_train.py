@@ -738,7 +738,8 @@ def tower_accuracy(model: Any, tokenizer: Any, examples: Sequence[Example], trai
                         h = hits[(modality, kind)]
                         h[0] += int((pc if kind == "faint_" else p) == index[t])
                         h[1] += 1
-    return {f"tower_{kind}acc_{m}": h / max(n, 1) for (m, kind), (h, n) in hits.items()}
+    # faint tokens are reported only where the examples mark some (older example caches do not)
+    return {f"tower_{kind}acc_{m}": h / max(n, 1) for (m, kind), (h, n) in hits.items() if n or kind != "faint_"}
 
 
 #: settings that may change when a run is resumed: more task steps extend it (the cosine schedule is recomputed

@@ -308,6 +308,10 @@ def test_faint_alignment_targets_mix_the_class_with_absent():
                            _alignment_loss(model, plain, classes, table, 0.07, 0.25)[0])
     assert torch.allclose(tiny, hard, rtol=1e-5) and acc_tiny == acc
     assert abs(float(soft - hard)) > 1e-3
+    from model_zoo.organism_train import tower_accuracy
+
+    # no faint chunk marked: no faint accuracy reported (rather than a 0 over no tokens)
+    assert "tower_faint_acc_audio" not in tower_accuracy(model, TinyTokenizer(), plain, examples())
 
 
 def test_faint_absent_moves_faint_audio_tokens_toward_absent(tmp_path):
