@@ -72,6 +72,11 @@ class Example:
         per_chunk = self.chunk_classes(modality)
         return [per_chunk[c] if c < len(per_chunk) else "" for c in chunks]
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # example caches pickled before a field existed load with that field's default
+        defaults = {f.name: f.default_factory() for f in fields(self) if f.default_factory is not MISSING}
+        self.__dict__.update({**defaults, **state})
+
     def token_faint(self, chunks: Sequence[int]) -> list[bool]:
         """Whether each audio token (given its chunk index) carries a faint sound."""
         return [c < len(self.audio_faint) and self.audio_faint[c] for c in chunks]

@@ -363,3 +363,17 @@ def test_recipe_marks_distractor_chunks_faint():
     got = script.chunk_classes(truth, 3)
     assert got["audio_classes"] == ["dog barking", "cat meowing", ""]
     assert got["audio_faint"] == [False, True, False]
+
+
+def test_examples_cached_before_audio_faint_load_with_its_default():
+    import pickle
+
+    ex = faint_examples()[0]
+    old = pickle.dumps(ex)
+    state = dict(ex.__dict__)
+    del state["audio_faint"]
+    legacy = Example.__new__(Example)
+    legacy.__dict__.update(state)  # an instance as an older cache holds it
+    loaded = pickle.loads(pickle.dumps(legacy))
+    assert loaded.audio_faint == [] and loaded.token_faint([0, 1]) == [False, False]
+    assert pickle.loads(old).audio_faint == [False, True, False, False]
