@@ -509,3 +509,14 @@ def assemble(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def store_sinks(checkpoint: str | os.PathLike, sinks: SinkConstants) -> None:
+    """Record sink constants in an assembled checkpoint's config.json (replaced atomically); the weights are not
+    touched. For constants calibrated on the checkpoint itself, after `assemble`."""
+    path = Path(checkpoint) / "config.json"
+    cfg = json.loads(path.read_text())
+    cfg["hooked_av"]["sinks"] = sinks.to_dict()
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(cfg, indent=2, default=str))
+    os.replace(tmp, path)

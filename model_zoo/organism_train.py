@@ -77,9 +77,10 @@ class Example:
         defaults = {f.name: f.default_factory() for f in fields(self) if f.default_factory is not MISSING}
         self.__dict__.update({**defaults, **state})
 
-    def token_faint(self, chunks: Sequence[int]) -> list[bool]:
-        """Whether each audio token (given its chunk index) carries a faint sound."""
-        return [c < len(self.audio_faint) and self.audio_faint[c] for c in chunks]
+    def token_faint(self, modality: str, chunks: Sequence[int]) -> list[bool]:
+        """Whether each of this modality's tokens (given its chunk index) carries a faint sound (never video)."""
+        faint = self.audio_faint if modality == "audio" else []
+        return [c < len(faint) and faint[c] for c in chunks]
 
     def chunk_classes(self, modality: str) -> list[str]:
         given = self.audio_classes if modality == "audio" else self.video_classes
@@ -201,7 +202,7 @@ def _alignment_loss(model: Any, batch: Sequence[Example], classes: list[str], ta
                 continue
             chunks = mm.chunk[b, pos].tolist()
             targets.append(torch.tensor([index[c] for c in ex.token_classes(modality, chunks)]))
-            faint.append(torch.tensor(ex.token_faint(chunks) if modality == "audio" else [False] * len(pos)))
+            faint.append(torch.tensor(ex.token_faint(modality, chunks), dtype=torch.bool))
             outs.append(embeds[b, pos.to(embeds.device)])
     out, target = torch.cat(outs), torch.cat(targets).to(embeds.device)
     logits = F.normalize(out, dim=-1) @ F.normalize(table, dim=-1).T / temperature
@@ -734,7 +735,7 @@ def tower_accuracy(model: Any, tokenizer: Any, examples: Sequence[Example], trai
                 pos = mm.positions(modality, b)
                 chunks = mm.chunk[b, pos].tolist()
                 targets = ex.token_classes(modality, chunks)
-                faint = ex.token_faint(chunks) if modality == "audio" else [False] * len(chunks)
+                faint = ex.token_faint(modality, chunks)
                 sims = F.normalize(embeds[b, pos], dim=-1) @ F.normalize(table, dim=-1).T
                 pred, pred_class = sims.argmax(-1).tolist(), (sims[:, 1:].argmax(-1) + 1).tolist()
                 for p, pc, t, f in zip(pred, pred_class, targets, faint):

@@ -331,7 +331,7 @@ def main() -> None:
     cal = calibrate_sinks(rt2.model, [e.inputs for e in val_ex[:16]], n_dims=1, tau_rule="midpoint")
     # <out>/trained becomes a complete candidate checkpoint (deltas and sink constants): what
     # scripts/evaluate_organism.py --organism <out>/trained --no-install measures before the deltas are installed
-    organism.assemble(trained, seed=args.seed, deltas=deltas, overwrite=True, sinks=cal.sinks)
+    organism.store_sinks(trained, cal.sinks)
     result["calibration"] = cal.to_dict()
     (out / "result.json").write_text(json.dumps(result, indent=2, default=str))
     print(json.dumps(result["val"], indent=2))

@@ -335,3 +335,10 @@ def test_lora_deltas_sinks_and_processor_are_stored(tmp_path):
     assert model.cfg.sinks == sinks
     config = json.loads((out / "config.json").read_text())
     assert config["hooked_av"]["processor"] == organism.PROCESSOR
+    # constants calibrated after assembly are recorded in place; the weights file is untouched
+    weights = (out / "model.safetensors").stat().st_mtime_ns
+    later = SinkConstants(dims=(507,), tau=19.5, provenance="calibrated after", calibrated=True)
+    organism.store_sinks(out, later)
+    assert HookedAVModel.from_pretrained("organism", checkpoint=str(out)).cfg.sinks == later
+    assert (out / "model.safetensors").stat().st_mtime_ns == weights
+    assert json.loads((out / "config.json").read_text())["hooked_av"]["processor"] == organism.PROCESSOR

@@ -330,7 +330,7 @@ def test_faint_absent_moves_faint_audio_tokens_toward_absent(tmp_path):
             inputs = model.as_inputs(ex.inputs)
             embeds = model.embed_inputs(inputs)
             pos = inputs.modality_map.positions("audio", 0)
-            faint = torch.tensor(ex.token_faint(inputs.modality_map.chunk[0, pos].tolist()))
+            faint = torch.tensor(ex.token_faint("audio", inputs.modality_map.chunk[0, pos].tolist()))
             logits = torch.nn.functional.normalize(embeds[0, pos], dim=-1) @ torch.nn.functional.normalize(
                 table, dim=-1).T / cfg.temperature
         assert faint.any()
@@ -375,5 +375,5 @@ def test_examples_cached_before_audio_faint_load_with_its_default():
     legacy = Example.__new__(Example)
     legacy.__dict__.update(state)  # an instance as an older cache holds it
     loaded = pickle.loads(pickle.dumps(legacy))
-    assert loaded.audio_faint == [] and loaded.token_faint([0, 1]) == [False, False]
+    assert loaded.audio_faint == [] and loaded.token_faint("audio", [0, 1]) == [False, False]
     assert pickle.loads(old).audio_faint == [False, True, False, False]
