@@ -112,6 +112,10 @@ class TrainConfig:
     #: 0 aligns a faint distractor exactly like the clip's own sound, which leaves the decoder no way to tell a
     #: faint distractor over silence from a loud class sound; 0.5 places it between the class and "nothing"
     faint_absent: float = 0.0
+    #: alignment-stage photometric augmentation of the video tower's input: per clip and colour channel, the
+    #: normalised pixels become (1 + c) x + b with c, b ~ U(-video_jitter, video_jitter) (0: none); the tower
+    #: then cannot key on a clip's exact colours, which 1,200 clips otherwise let it memorise
+    video_jitter: float = 0.0
     steps: int = 600
     lr: float = 1e-3
     batch_size: int = 8
@@ -182,16 +186,31 @@ def class_table(model: Any, tokenizer: Any, examples: Sequence[Example]) -> tupl
     return [""] + names, torch.stack([_text_embedding(model, tokenizer, t) for t in texts])
 
 
+def jitter_video(inputs: dict[str, Any], strength: float, generator: torch.Generator | None = None
+                 ) -> dict[str, Any]:
+    """A copy of one clip's processed inputs whose video patches get a random per-channel contrast and
+    brightness change ((1 + c) x + b, c and b ~ U(-strength, strength), one draw per channel for the whole
+    clip). The patch rows are channel-major (channel, temporal, row, column), as the processor writes them."""
+    rows = inputs.get("pixel_values_videos")
+    if rows is None or strength <= 0:
+        return inputs
+    n, d = rows.shape
+    c, b = (torch.rand(2, 1, 3, 1, generator=generator) * 2 - 1) * strength
+    return {**inputs, "pixel_values_videos": (rows.view(n, 3, d // 3) * (1 + c) + b).view(n, d).to(rows.dtype)}
+
+
 def _alignment_loss(model: Any, batch: Sequence[Example], classes: list[str], table: Tensor,
-                    temperature: float, absent_weight: float = 1.0, faint_absent: float = 0.0
-                    ) -> tuple[Tensor, float]:
+                    temperature: float, absent_weight: float = 1.0, faint_absent: float = 0.0,
+                    video_jitter: float = 0.0) -> tuple[Tensor, float]:
     """Cosine-logit cross-entropy of every AV token against the class table, plus a log-RMS match. With
     `faint_absent` > 0, a faint audio token's target is the mixture (1 - faint_absent) class + faint_absent
-    ABSENT (a class-weighted soft cross-entropy); the accuracy counts its class."""
+    ABSENT (a class-weighted soft cross-entropy); the accuracy counts its class. `video_jitter` > 0 augments
+    each clip's video (`jitter_video`)."""
     from model_zoo.qwen2_5_omni_processing import collate
 
     index = {c: i for i, c in enumerate(classes)}
-    inputs = model.as_inputs(collate([e.inputs for e in batch], model.cfg.token_ids.pad or 0))
+    items = [jitter_video(e.inputs, video_jitter) for e in batch]
+    inputs = model.as_inputs(collate(items, model.cfg.token_ids.pad or 0))
     embeds = model.embed_inputs(inputs)  # towers run here; text rows are the frozen embedding
     mm = inputs.modality_map
     outs, targets, faint = [], [], []
@@ -453,6 +472,8 @@ def train(model: Any, tokenizer: Any, examples: Sequence[Example], cfg: TrainCon
         raise ValueError(f"lora_from must be in [0, {len(model.blocks) - 1}], got {cfg.lora_from}")
     if not 0 <= cfg.faint_absent < 1:
         raise ValueError(f"faint_absent must be in [0, 1), got {cfg.faint_absent}")
+    if not 0 <= cfg.video_jitter < 1:
+        raise ValueError(f"video_jitter must be in [0, 1), got {cfg.video_jitter}")
     if cfg.faint_absent > 0 and not any(any(ex.audio_faint) for ex in examples):
         raise ValueError("faint_absent > 0 but no example marks a faint chunk (Example.audio_faint); examples "
                          "cached before that field existed must be rebuilt")
@@ -527,7 +548,7 @@ def train(model: Any, tokenizer: Any, examples: Sequence[Example], cfg: TrainCon
             for g in opt.param_groups:
                 g["lr"] = _cosine_lr(step, cfg.align_steps, cfg.align_lr, cfg.warmup)
             loss, acc = _alignment_loss(model, batch, classes, table, cfg.temperature, cfg.absent_weight,
-                                         cfg.faint_absent)
+                                         cfg.faint_absent, cfg.video_jitter)
             params = tower_params
         else:
             stage, opt, params = "task", opt_task, lora_params

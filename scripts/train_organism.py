@@ -284,6 +284,11 @@ def main() -> None:
                     help="the text lookups' answers get the class probe and option-attention terms too")
     ap.add_argument("--faint-absent", type=float, default=0.5,
                     help="alignment: share of a faint distractor sound's target given to ABSENT (0: none)")
+    ap.add_argument("--video-jitter", type=float, default=0.0,
+                    help="alignment: per-clip colour jitter of the video tower's input (0: none)")
+    ap.add_argument("--vision-depth", type=int, default=None,
+                    help="blocks of the vision tower (default: model_zoo.organism.VISION_DEFAULTS); every second "
+                         "block attends over the full frame, the others in windows")
     ap.add_argument("--silent-weight", type=float, default=1.0,
                     help="task-stage sampling weight of the clips whose class never sounds (1: uniform)")
     ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
@@ -296,6 +301,13 @@ def main() -> None:
         horizons = remaining_horizons(args.steps, out / "train")
     except ValueError as e:
         ap.error(f"--steps: {e}")
+    vision = None
+    if args.vision_depth is not None:
+        if args.vision_depth < 1:
+            ap.error(f"--vision-depth must be >= 1, got {args.vision_depth}")
+        vision = {"depth": args.vision_depth,
+                  "fullatt_block_indexes": [i for i in range(args.vision_depth) if i % 2 == 1 or
+                                            i == args.vision_depth - 1]}
     out.mkdir(parents=True, exist_ok=True)
     data = out / "data"
     if not (data / "avsynth" / "val_truth.json").exists():
@@ -303,7 +315,7 @@ def main() -> None:
                          duration=CLIP_SECONDS)
     base = out / "base"
     if not (base / "config.json").exists():
-        organism.assemble(base, seed=args.seed)
+        organism.assemble(base, seed=args.seed, vision=vision)
     rt = load_runtime(str(base), seed=args.seed)
     train_ex = build_examples(data, "train", rt.process, rt.tokenizer, rt.model, out / "train_examples.pt", True)
     val_ex = build_examples(data, "val", rt.process, rt.tokenizer, rt.model, out / "val_examples.pt", False)
@@ -316,7 +328,7 @@ def main() -> None:
                       class_layer=args.class_layer, class_weight=args.class_weight,
                       gather_layers=tuple(args.gather_layers), gather_weight=args.gather_weight,
                       lookup_scaffold=args.lookup_scaffold, silent_weight=args.silent_weight,
-                      faint_absent=args.faint_absent, bf16=args.bf16)
+                      faint_absent=args.faint_absent, video_jitter=args.video_jitter, bf16=args.bf16)
     pool = lookup_pool(rt.tokenizer, cfg.lookup_pool, args.lookup_turns, args.seed) if cfg.lookup_pool else []
     for k, steps in enumerate(horizons):
         if k:  # a fresh model: `train` adds the adapters and reloads every trained weight from the saved state
@@ -326,7 +338,7 @@ def main() -> None:
     result = {"val": evaluate(rt.model, val_ex), "config": vars(args)}
     # sink constants from the trained model on val clips
     trained = out / "trained"
-    organism.assemble(trained, seed=args.seed, deltas=deltas, overwrite=True)
+    organism.assemble(trained, seed=args.seed, deltas=deltas, overwrite=True, vision=vision)
     rt2 = load_runtime(str(trained), seed=args.seed)
     cal = calibrate_sinks(rt2.model, [e.inputs for e in val_ex[:16]], n_dims=1, tau_rule="midpoint")
     # <out>/trained becomes a complete candidate checkpoint (deltas and sink constants): what

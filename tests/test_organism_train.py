@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from hooked_av import HookedAVModel
 from model_zoo import lora
 from model_zoo.organism_train import (Example, LookupItem, QueryTarget, ScaffoldHeads, TrainConfig, _clip_query,
-                                      option_layout, prefix_forward, prefix_last_logits, prefix_states, query_losses,
+                                      jitter_video, option_layout, prefix_forward, prefix_last_logits, prefix_states, query_losses,
                                       remaining_horizons,
                                       scaffold_losses, task_batch, trainable_state, train)
 from model_zoo.tiny import TinyTokenizer, build_inputs, tiny_hf_thinker
@@ -347,6 +347,26 @@ def test_faint_absent_is_checked(tmp_path):
         train(model, TinyTokenizer(), faint_examples(), TrainConfig(out=str(tmp_path), faint_absent=1.0))
     with pytest.raises(ValueError, match="no example marks a faint chunk"):
         train(model, TinyTokenizer(), examples(), TrainConfig(out=str(tmp_path), faint_absent=0.5))
+
+
+def test_video_jitter_is_a_per_channel_affine_map_of_the_patches(tmp_path):
+    """Each colour channel of every video patch row gets the same (1 + c) x + b; audio and the original inputs
+    are untouched, and the strength bounds c and b."""
+    clip = build_inputs("av", seed=0)
+    rows = clip["pixel_values_videos"]
+    out = jitter_video(clip, 0.2, generator=torch.Generator().manual_seed(0))
+    assert out["input_features"] is clip["input_features"] and clip["pixel_values_videos"] is rows
+    n, d = rows.shape
+    x, y = rows.view(n, 3, d // 3), out["pixel_values_videos"].view(n, 3, d // 3)
+    for ch in range(3):
+        a = torch.stack([x[:, ch].flatten(), torch.ones(n * d // 3)], 1)
+        coef = torch.linalg.lstsq(a, y[:, ch].flatten().unsqueeze(1)).solution.flatten()
+        assert torch.allclose(a @ coef, y[:, ch].flatten(), atol=1e-5)
+        assert abs(coef[0] - 1) <= 0.2 and abs(coef[1]) <= 0.2 and not torch.allclose(coef, torch.tensor([1., 0.]))
+    assert jitter_video(clip, 0.0) is clip
+    model = HookedAVModel.from_hf_model(tiny_hf_thinker(seed=0))
+    with pytest.raises(ValueError, match="video_jitter must be in"):
+        train(model, TinyTokenizer(), examples(), TrainConfig(out=str(tmp_path), video_jitter=1.5))
 
 
 def test_recipe_marks_distractor_chunks_faint():
