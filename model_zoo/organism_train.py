@@ -536,7 +536,12 @@ def train(model: Any, tokenizer: Any, examples: Sequence[Example], cfg: TrainCon
     class_layer = cfg.class_layer if cfg.class_weight > 0 else None
     class_layers = [class_layer] if class_layer is not None else []
     total = cfg.align_steps + (cfg.steps if opt_task is not None else 0)
-    log = open(out / "log.jsonl", "a", encoding="utf-8")
+    log_path = out / "log.jsonl"
+    if log_path.exists():  # a killed run logged steps after its last save: they are run again, so drop them
+        kept = [line for line in log_path.read_text(encoding="utf-8").splitlines(keepends=True)
+                if line.endswith("\n") and json.loads(line).get("step", 0) <= step]
+        log_path.write_text("".join(kept), encoding="utf-8")
+    log = open(log_path, "a", encoding="utf-8")
     model.train()
     bar = tqdm(total=total, initial=step, desc="organism")
     t0 = time.perf_counter()

@@ -47,6 +47,10 @@ def test_training_runs_resumes_and_writes_deltas(tmp_path):
     assert {int(k.split(".")[1]) for k in state if k.endswith(".lora_a")} == set(range(1, len(model.blocks)))
     assert any(torch.count_nonzero(v) for k, v in state.items() if k.endswith(".lora_b"))  # task stage moved them
     assert not any(k.startswith("blocks.") and not ".lora_" in k and not k.endswith(".scale") for k in state)
+    # a run killed after its last save logged steps that a resumed run does again, and maybe half a line:
+    # the resumed run drops them (no duplicate steps in the log)
+    with open(tmp_path / "log.jsonl", "a") as f:
+        f.write(json.dumps({"step": 13, "stage": "task"}) + "\n" + '{"step": 14, "sta')
     # a rerun with the same configuration resumes at the end: no new steps
     model2 = HookedAVModel.from_hf_model(tiny_hf_thinker(seed=0))
     train(model2, TinyTokenizer(), examples(), cfg)
