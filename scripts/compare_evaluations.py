@@ -1,9 +1,10 @@
 """Paired comparison of two organism evaluations on the same held-out clips: is a candidate checkpoint better?
 
 Both folders are `scripts/evaluate_organism.py --out` folders of the same split (same seed and clip count): each
-holds `dominance.jsonl` (per-clip predictions with audio + video, audio only, video only) and the split's ground
-truth (`data/avsynth/test_truth.json`). For every condition of the split and overall, the table gives both
-accuracies and the candidate's gain with a paired bootstrap interval (the clips are resampled, both runs together).
+holds `dominance/dominance.jsonl` (per-clip predictions with audio + video, audio only, video only) and the
+split's ground truth (`data/avsynth/test_truth.json`). For every condition of the split and overall, the table
+gives both accuracies and the candidate's gain with a paired bootstrap interval (the clips are resampled, both
+runs together).
 
     .venv/bin/python scripts/compare_evaluations.py BASELINE CANDIDATE [--n-boot 2000] [--seed 0] [--out F.md]
 
@@ -36,7 +37,7 @@ def load_evaluation(folder: str | Path) -> tuple[dict[str, dict[str, Any]], dict
     from analyses.records import RecordStore
 
     folder = Path(folder)
-    records, truth = folder / "dominance.jsonl", folder / "data" / "avsynth" / "test_truth.json"
+    records, truth = folder / "dominance" / "dominance.jsonl", folder / "data" / "avsynth" / "test_truth.json"
     for path in (records, truth):
         if not path.exists():
             raise EvaluationError(f"{path} is missing: {folder} is not an evaluate_organism.py --out folder")

@@ -21,11 +21,12 @@ def script():
 def write_eval(folder: Path, hits: dict[str, list[bool]], conditions: list[str]) -> Path:
     """An evaluate_organism.py --out folder whose clip k is right in run r where hits[r][k]."""
     (folder / "data" / "avsynth").mkdir(parents=True)
+    (folder / "dominance").mkdir()
     n = len(conditions)
     records = [{"id": f"c{k}", "label": "A",
                 "pred": {r: "A" if hits[r][k] else "B" for r in ("av", "a", "v")},
                 "dominant": "audio" if k % 3 == 0 else None} for k in range(n)]
-    (folder / "dominance.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (folder / "dominance" / "dominance.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     (folder / "data" / "avsynth" / "test_truth.json").write_text(
         json.dumps([{"id": f"c{k}", "condition": conditions[k]} for k in range(n)]))
     return folder
