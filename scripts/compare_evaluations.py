@@ -51,13 +51,12 @@ def load_evaluation(folder: str | Path) -> tuple[dict[str, dict[str, Any]], dict
 
 
 def paired_gain(base: np.ndarray, cand: np.ndarray, n_boot: int, seed: int) -> tuple[float, float, float]:
-    """Mean of cand - base (0/1 hits per clip) and its paired percentile-bootstrap interval."""
-    from analyses.hallucination import bootstrap_indices
+    """Accuracy of cand minus base (0/1 hits per clip) and its paired percentile-bootstrap interval."""
+    from analyses.hallucination import paired_differences
 
-    diff = cand.astype(float) - base.astype(float)
-    draws = diff[bootstrap_indices(len(diff), n_boot, seed)].mean(1)
-    lo, hi = np.quantile(draws, [(1 - LEVEL) / 2, (1 + LEVEL) / 2])
-    return float(diff.mean()), float(lo), float(hi)
+    hits = lambda h: lambda idx: {"accuracy": h.astype(float)[idx].mean(1)}  # noqa: E731
+    est = paired_differences(hits(cand), hits(base), len(cand), ["accuracy"], n_boot, seed, LEVEL)["accuracy"]
+    return est.value, est.low, est.high
 
 
 def compare(baseline: str | Path, candidate: str | Path, n_boot: int = 2000, seed: int = 0) -> dict[str, Any]:
@@ -117,7 +116,7 @@ def main() -> None:
     args = ap.parse_args()
     try:
         result = compare(args.baseline, args.candidate, args.n_boot, args.seed)
-    except (EvaluationError, ValueError) as e:
+    except ValueError as e:  # EvaluationError included
         ap.error(str(e))
     text = to_markdown(result)
     print(text)
