@@ -155,6 +155,10 @@ class TrainConfig:
     #: circuit serves both
     lookup_scaffold: bool = False
     bf16: bool = False  # the task stage under bfloat16 autocast (2-4x faster steps on CPUs with AMX)
+    #: warm start: a deltas file (`trainable_state` of an earlier run) loaded into the towers and adapters before
+    #: training; its towers are final, so `align_steps` must be 0, and the task stage starts a fresh cosine
+    #: schedule, optimiser and scaffold probes from its adapters (the deltas keep no optimiser state)
+    init_deltas: str | None = None
     save_every: int = 25
     log_every: int = 5
     threads: int = 2
@@ -508,6 +512,10 @@ def train(model: Any, tokenizer: Any, examples: Sequence[Example], cfg: TrainCon
     if cfg.lookup_weight > 0 and (not lookup or len(lookup) != cfg.lookup_pool):
         raise ValueError(f"lookup_weight > 0 needs the pool of text lookups: lookup_pool={cfg.lookup_pool}, "
                          f"got {len(lookup)} item(s)")
+    if cfg.init_deltas is not None:
+        if cfg.align_steps:
+            raise ValueError(f"init_deltas starts from aligned towers: align_steps must be 0, got {cfg.align_steps}")
+        load_deltas(model, cfg.init_deltas)
     classes, table = class_table(model, tokenizer, examples)
     heads = ScaffoldHeads(model.cfg.d_model, n_classes=len(classes) if cfg.class_weight > 0 else 0)
     opt_heads = torch.optim.AdamW(heads.parameters(), lr=cfg.lr)
@@ -776,6 +784,34 @@ def tower_accuracy(model: Any, tokenizer: Any, examples: Sequence[Example], trai
 
 #: settings that may change when a run is resumed: more task steps extend it (the cosine schedule is recomputed
 #: over the new total, a warm restart), the log cadence and the thread count do not change what is computed
+def load_deltas(model: Any, path: str | Path) -> None:
+    """Load a deltas file (towers and LoRA factors, as `train` writes it) into `model`, whose adapters must
+    already be in place with the same blocks, targets, rank and scale; anything that does not match is named."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"init_deltas: no deltas file at {path}")
+    stored = load_file(str(path))
+    expected = trainable_state(model)
+    missing = sorted(set(expected) - set(stored))
+    extra = sorted(set(stored) - set(expected))
+    if missing or extra:
+        raise ValueError(f"{path}: the deltas do not fit this model's towers and adapters (lora_rank, lora_from, "
+                         f"lora_targets, vision depth): missing {missing[:3]}{' ...' if len(missing) > 3 else ''}, "
+                         f"unexpected {extra[:3]}{' ...' if len(extra) > 3 else ''}")
+    bad = [f"{k}: stored {tuple(stored[k].shape)}, model {tuple(v.shape)}" for k, v in expected.items()
+           if stored[k].shape != v.shape]
+    bad += [f"{k}: stored {float(stored[k]):g}, model {float(v):g}" for k, v in expected.items()
+            if k.endswith(".scale") and stored[k].shape == v.shape and not torch.equal(stored[k], v)]
+    if bad:
+        raise ValueError(f"{path}: the deltas do not fit this model: {'; '.join(bad[:3])}")
+    weights = {k: v for k, v in stored.items() if not k.endswith(".scale")}
+    result = model.load_state_dict(weights, strict=False)
+    if result.unexpected_keys:
+        raise ValueError(f"{path}: entries the model has no parameter for: {result.unexpected_keys[:3]}")
+
+
 EXTENSIBLE = ("steps", "save_every", "log_every", "threads")
 #: settings of the task stage alone: they may change while a resumed run has not begun that stage
 TASK_STAGE = ("lr", "batch_size", "p_unimodal", "silent_weight", "aux_layer", "aux_weight", "attn_layers",

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import random
 import shutil
@@ -261,7 +262,12 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "runs" / "organism_train"))
     ap.add_argument("--n-train", type=int, default=1200)
     ap.add_argument("--n-val", type=int, default=100)
-    ap.add_argument("--align-steps", type=int, default=1000)
+    ap.add_argument("--align-steps", type=int, default=None,
+                    help="tower alignment steps (default 1000; 0 with --init-from, whose towers are final)")
+    ap.add_argument("--init-from", default=None, metavar="DELTAS",
+                    help="warm start: a deltas file (e.g. model_zoo/organism_deltas/deltas.safetensors) whose towers "
+                         "and adapters the task stage starts from; copied into the run folder so a resume reads "
+                         "the same file")
     ap.add_argument("--steps", type=int, nargs="+", default=[600],
                     help="task-stage horizons, increasing: train to the first, then extend to each next one (the "
                          "cosine schedule restarts warm over the new total)")
@@ -304,6 +310,16 @@ def main() -> None:
     ap.add_argument("--no-install", action="store_true", help="do not copy the result to model_zoo/organism_deltas")
     args = ap.parse_args()
     out = Path(args.out)
+    init = None
+    if args.init_from is not None:
+        init = out / "init_deltas.safetensors"
+        if args.align_steps:
+            ap.error(f"--init-from starts from aligned towers: --align-steps must be 0, got {args.align_steps}")
+        if not init.exists() and not Path(args.init_from).is_file():
+            ap.error(f"--init-from: no deltas file at {args.init_from}")
+        args.align_steps = 0
+    elif args.align_steps is None:
+        args.align_steps = 1000
     try:
         horizons = remaining_horizons(args.steps, out / "train")
     except ValueError as e:
@@ -316,6 +332,9 @@ def main() -> None:
                   "fullatt_block_indexes": [i for i in range(args.vision_depth) if i % 2 == 1 or
                                             i == args.vision_depth - 1]}
     out.mkdir(parents=True, exist_ok=True)
+    if init is not None and not init.exists():  # the run's own copy: a resume must not see a reinstalled file
+        shutil.copy(args.init_from, init.with_suffix(".tmp"))
+        init.with_suffix(".tmp").replace(init)
     data = out / "data"
     if not (data / "avsynth" / "val_truth.json").exists():
         avsynth.generate(data, n_train=args.n_train, n_val=args.n_val, n_test=0, seed=args.seed,
@@ -335,7 +354,8 @@ def main() -> None:
                       class_layer=args.class_layer, class_weight=args.class_weight,
                       gather_layers=tuple(args.gather_layers), gather_weight=args.gather_weight,
                       lookup_scaffold=args.lookup_scaffold, silent_weight=args.silent_weight,
-                      faint_absent=args.faint_absent, video_jitter=args.video_jitter, bf16=args.bf16)
+                      faint_absent=args.faint_absent, video_jitter=args.video_jitter, bf16=args.bf16,
+                      init_deltas=str(init) if init is not None else None)
     pool = lookup_pool(rt.tokenizer, cfg.lookup_pool, args.lookup_turns, args.seed) if cfg.lookup_pool else []
     for k, steps in enumerate(horizons):
         if k:  # a fresh model: `train` adds the adapters and reloads every trained weight from the saved state
@@ -343,6 +363,8 @@ def main() -> None:
         deltas = train(rt.model, rt.tokenizer, train_ex, dataclasses.replace(cfg, steps=steps),
                        evaluate_towers=lambda m: tower_accuracy(m, rt.tokenizer, val_ex, train_ex), lookup=pool)
     result = {"val": evaluate(rt.model, val_ex), "config": vars(args)}
+    if init is not None:
+        result["init_deltas_sha256"] = hashlib.sha256(init.read_bytes()).hexdigest()
     # sink constants from the trained model on val clips
     trained = out / "trained"
     organism.assemble(trained, seed=args.seed, deltas=deltas, overwrite=True, vision=vision)

@@ -71,6 +71,37 @@ def test_training_runs_resumes_and_writes_deltas(tmp_path):
     assert remaining_horizons([3, 6], tmp_path) == [9]
 
 
+def test_warm_start_from_deltas_loads_them_exactly_and_trains_on(tmp_path):
+    cfg = TrainConfig(out=str(tmp_path / "a"), align_steps=3, steps=3, batch_size=2, lora_rank=2, log_every=1,
+                      warmup=1, lora_from=1)
+    first = load_file(str(train(HookedAVModel.from_hf_model(tiny_hf_thinker(seed=0)), TinyTokenizer(), examples(),
+                                cfg)))
+    warm = dict(vars(cfg), align_steps=0, init_deltas=str(tmp_path / "a" / "deltas.safetensors"))
+    # no step: the written deltas are the loaded ones, bit for bit
+    same = load_file(str(train(HookedAVModel.from_hf_model(tiny_hf_thinker(seed=0)), TinyTokenizer(), examples(),
+                               TrainConfig(**{**warm, "out": str(tmp_path / "b"), "steps": 0}))))
+    assert same.keys() == first.keys() and all(torch.equal(same[k], first[k]) for k in first)
+    # task steps from there: the adapters move on, the towers stay the loaded ones
+    on = load_file(str(train(HookedAVModel.from_hf_model(tiny_hf_thinker(seed=0)), TinyTokenizer(), examples(),
+                             TrainConfig(**{**warm, "out": str(tmp_path / "c")}))))
+    assert all(torch.equal(on[k], first[k]) for k in first if k.startswith(("audio_encoder.", "vision_encoder.")))
+    assert any(not torch.equal(on[k], first[k]) for k in first if k.endswith(".lora_b"))
+    log = [json.loads(line) for line in (tmp_path / "c" / "log.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in log] == ["task"] * 3
+    with pytest.raises(ValueError, match="align_steps must be 0, got 2"):
+        train(HookedAVModel.from_hf_model(tiny_hf_thinker(seed=0)), TinyTokenizer(), examples(),
+              TrainConfig(**{**warm, "out": str(tmp_path / "d"), "align_steps": 2}))
+    with pytest.raises(ValueError, match="do not fit this model.*lora_b: stored \\(\\d+, 2\\), model \\(\\d+, 4\\)"):
+        train(HookedAVModel.from_hf_model(tiny_hf_thinker(seed=0)), TinyTokenizer(), examples(),
+              TrainConfig(**{**warm, "out": str(tmp_path / "e"), "lora_rank": 4}))
+    with pytest.raises(ValueError, match="do not fit.*missing \\['blocks.0.attn"):
+        train(HookedAVModel.from_hf_model(tiny_hf_thinker(seed=0)), TinyTokenizer(), examples(),
+              TrainConfig(**{**warm, "out": str(tmp_path / "f"), "lora_from": 0}))
+    with pytest.raises(FileNotFoundError, match="no deltas file at .*missing.safetensors"):
+        train(HookedAVModel.from_hf_model(tiny_hf_thinker(seed=0)), TinyTokenizer(), examples(),
+              TrainConfig(**{**warm, "out": str(tmp_path / "g"), "init_deltas": str(tmp_path / "missing.safetensors")}))
+
+
 def test_lora_merge_equals_the_adapted_forward():
     model = HookedAVModel.from_hf_model(tiny_hf_thinker(seed=1))
     params = lora.add_lora(model, rank=2, seed=3)
@@ -401,3 +432,21 @@ def test_examples_cached_before_audio_faint_load_with_its_default():
     loaded = pickle.loads(pickle.dumps(legacy))
     assert loaded.audio_faint == [] and loaded.token_faint("audio", [0, 1]) == [False, False]
     assert pickle.loads(old).audio_faint == [False, True, False, False]
+
+
+def test_recipe_checks_a_warm_start_before_any_work(tmp_path):
+    """scripts/train_organism.py --init-from: a missing file, or alignment steps on top of final towers, is named
+    and nothing is written."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "train_organism.py"
+    out = tmp_path / "run"
+    for extra, message in ((["--init-from", str(tmp_path / "nope.safetensors")], "--init-from: no deltas file at"),
+                           (["--init-from", str(script), "--align-steps", "5"], "--align-steps must be 0, got 5")):
+        proc = subprocess.run([sys.executable, str(script), "--out", str(out), "--no-install", *extra],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr
+        assert not out.exists()
