@@ -435,8 +435,8 @@ def test_examples_cached_before_audio_faint_load_with_its_default():
 
 
 def test_recipe_checks_a_warm_start_before_any_work(tmp_path):
-    """scripts/train_organism.py --init-from: a missing file, or alignment steps on top of final towers, is named
-    and nothing is written."""
+    """scripts/train_organism.py --init-from: a missing file, alignment steps on top of final towers or a
+    refinement of a refinement is named, and nothing is written."""
     import subprocess
     import sys
     from pathlib import Path
@@ -444,7 +444,9 @@ def test_recipe_checks_a_warm_start_before_any_work(tmp_path):
     script = Path(__file__).resolve().parents[1] / "scripts" / "train_organism.py"
     out = tmp_path / "run"
     for extra, message in ((["--init-from", str(tmp_path / "nope.safetensors")], "--init-from: no deltas file at"),
-                           (["--init-from", str(script), "--align-steps", "5"], "--align-steps must be 0, got 5")):
+                           (["--init-from", str(script), "--align-steps", "5"], "--align-steps must be 0, got 5"),
+                           (["--init-from", str(script), "--refine-steps", "5"], "--refine-steps must be 0, got 5"),
+                           (["--refine-steps", "-1"], "--refine-steps must be >= 0, got -1")):
         proc = subprocess.run([sys.executable, str(script), "--out", str(out), "--no-install", *extra],
                               capture_output=True, text=True, timeout=300)
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
