@@ -29,7 +29,7 @@ demo: $(STAMP)
 	$(BIN)/python scripts/build_organism.py
 	$(BIN)/hooked-av demo --out runs/demo
 
-# train the organism's towers and adapters (about an hour on 2 cores; resumable); commit model_zoo/organism_deltas
+# train the organism's towers and adapters (80 min to 2 h on 2 cores; resumable); commit model_zoo/organism_deltas
 organism: $(STAMP)
 	$(BIN)/python scripts/train_organism.py
 	$(BIN)/python scripts/build_organism.py
