@@ -1,7 +1,8 @@
 """Measure the organism against its targets on a held-out avsynth split (seed != training seed):
 20-way accuracy with audio + video, audio only and video only; the paper's dominance filter counts; sinks per
 layer among audio / video / text tokens. Writes `<out>/evaluation.json` and, unless --no-install (a candidate
-checkpoint), `model_zoo/organism_deltas/evaluation.json` (committed beside the deltas), and prints it.
+checkpoint), `model_zoo/organism_deltas/evaluation.json` (committed beside the deltas), and prints it. The result
+names the checkpoint and the sha256 of the deltas it was built from (what scripts/install_organism.py checks).
 
     .venv/bin/python scripts/evaluate_organism.py [--clips 600] [--limit N] [--out runs/organism_eval]
         [--organism .assets/organism] [--no-install]
@@ -65,7 +66,9 @@ def main() -> None:
         for m in per_layer:
             for layer, c in enumerate((is_sink & mm.mask(m)[0]).sum(1).tolist()):
                 per_layer[m][layer] += c / SINK_CLIPS
+    built = json.loads((Path(args.organism) / "config.json").read_text())["hooked_av"]["organism"]
     result = {
+        "organism": {"path": str(args.organism), "deltas_sha256": built.get("deltas_sha256")},
         "clips": n, "seed": args.seed, "chance": 1 / 20, "accuracy": acc,
         "dominance": {d: sum(r["dominant"] == d for r in recs) for d in ("audio", "video")},
         "by_condition": by_condition, "sinks": rt.model.cfg.sinks.to_dict(),

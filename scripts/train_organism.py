@@ -343,6 +343,9 @@ def main() -> None:
     if args.vision_depth is not None:
         if args.vision_depth < 1:
             ap.error(f"--vision-depth must be >= 1, got {args.vision_depth}")
+        if not args.no_install:
+            ap.error("--vision-depth needs --no-install: build_organism.py assembles the default vision tower, so "
+                     "installed deltas of another depth would not load")
         vision = {"depth": args.vision_depth,
                   "fullatt_block_indexes": [i for i in range(args.vision_depth) if i % 2 == 1 or
                                             i == args.vision_depth - 1]}
@@ -396,12 +399,10 @@ def main() -> None:
     result["calibration"] = cal.to_dict()
     (out / "result.json").write_text(json.dumps(result, indent=2, default=str))
     print(json.dumps(result["val"], indent=2))
-    if not args.no_install:
-        DELTAS_DIR.mkdir(exist_ok=True)
-        shutil.copy(deltas, DELTAS_DIR / "deltas.safetensors")
-        (DELTAS_DIR / "sinks.json").write_text(json.dumps({**cal.to_dict(), "val": result["val"]}, indent=2,
-                                                           default=str))
-        print(f"installed {DELTAS_DIR}")
+    if not args.no_install:  # no held-out evaluation yet: a stale evaluation.json is dropped
+        from install_organism import install
+
+        print(f"installed {install(out, None, DELTAS_DIR)}")
 
 
 if __name__ == "__main__":

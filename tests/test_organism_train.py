@@ -436,7 +436,7 @@ def test_examples_cached_before_audio_faint_load_with_its_default():
 
 def test_recipe_checks_a_warm_start_before_any_work(tmp_path):
     """scripts/train_organism.py --init-from: a missing file, alignment steps on top of final towers or a
-    refinement of a refinement is named, and nothing is written."""
+    refinement of a refinement, or installing a non-default vision depth, is named, and nothing is written."""
     import subprocess
     import sys
     from pathlib import Path
@@ -452,3 +452,7 @@ def test_recipe_checks_a_warm_start_before_any_work(tmp_path):
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
         assert "Traceback" not in proc.stderr
         assert not out.exists()
+    proc = subprocess.run([sys.executable, str(script), "--out", str(out), "--vision-depth", "4"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "--vision-depth needs --no-install" in proc.stderr, proc.stderr[-2000:]
+    assert not out.exists()
