@@ -436,7 +436,8 @@ def organism_state_dict(backbone: dict[str, Tensor], config: Any, seed: int = 0)
     return state
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file, read in 1 MiB chunks (how a checkpoint records the deltas it was built from)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
@@ -484,7 +485,7 @@ def assemble(
         "seed": seed, "n_layers": n_layers,
         "new_token_init": "mean embedding + 0.02 x per-dim std x N(0, 1) (seeded)",
         "deltas": None if deltas is None else (str(deltas) if not isinstance(deltas, dict) else "<in-memory>"),
-        "deltas_sha256": _sha256(Path(deltas)) if deltas is not None and not isinstance(deltas, dict) else None,
+        "deltas_sha256": file_sha256(deltas) if deltas is not None and not isinstance(deltas, dict) else None,
         "overridden": overridden,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }

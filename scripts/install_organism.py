@@ -16,7 +16,6 @@ destination is removed (it would describe other deltas). `train_organism.py` wit
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -25,19 +24,12 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 DELTAS_DIR = ROOT / "model_zoo" / "organism_deltas"
 
 
 class InstallError(ValueError):
     """A run or evaluation that cannot be installed; the message names the file and field."""
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:
@@ -79,8 +71,10 @@ def install(run: str | os.PathLike, evaluation: str | os.PathLike | None = None,
             raise InstallError(f"{run / 'result.json'}: no {field!r} object (did the run finish?)")
     if not isinstance(result["calibration"].get("sinks"), dict):
         raise InstallError(f"{run / 'result.json'}: calibration has no 'sinks' object")
+    from model_zoo.organism import file_sha256
+
     deltas = run_deltas(run, result)
-    digest = sha256(deltas)
+    digest = file_sha256(deltas)
     eval_text = None
     if evaluation is not None:
         path = Path(evaluation)
@@ -120,11 +114,13 @@ def main() -> None:
                     help="scripts/evaluate_organism.py --out folder (or its evaluation.json) of <run>/trained")
     ap.add_argument("--dest", default=str(DELTAS_DIR))
     args = ap.parse_args()
+    from model_zoo.organism import file_sha256
+
     try:
         path = install(args.run, args.evaluation, args.dest)
     except InstallError as e:
         sys.exit(f"install_organism: {e}")
-    print(f"installed {path} (sha256 {sha256(path)[:12]}...); run scripts/build_organism.py to reassemble "
+    print(f"installed {path} (sha256 {file_sha256(path)[:12]}...); run scripts/build_organism.py to reassemble "
           f".assets/organism")
 
 
