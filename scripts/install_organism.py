@@ -71,6 +71,7 @@ def install(run: str | os.PathLike, evaluation: str | os.PathLike | None = None,
             raise InstallError(f"{run / 'result.json'}: no {field!r} object (did the run finish?)")
     if not isinstance(result["calibration"].get("sinks"), dict):
         raise InstallError(f"{run / 'result.json'}: calibration has no 'sinks' object")
+    from analyses.records import atomic_write_text
     from model_zoo.organism import file_sha256
 
     deltas = run_deltas(run, result)
@@ -96,14 +97,11 @@ def install(run: str | os.PathLike, evaluation: str | os.PathLike | None = None,
     tmp = dest / f".deltas.safetensors.tmp-{os.getpid()}"
     shutil.copyfile(deltas, tmp)
     os.replace(tmp, dest / "deltas.safetensors")
-    for name, text in (("sinks.json", sinks_text), ("evaluation.json", eval_text)):
-        target = dest / name
-        if text is None:
-            target.unlink(missing_ok=True)
-            continue
-        tmp = dest / f".{name}.tmp-{os.getpid()}"
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, target)
+    atomic_write_text(dest / "sinks.json", sinks_text)
+    if eval_text is None:
+        (dest / "evaluation.json").unlink(missing_ok=True)
+    else:
+        atomic_write_text(dest / "evaluation.json", eval_text)
     return dest / "deltas.safetensors"
 
 
