@@ -86,6 +86,48 @@ AUDIO_DEFAULTS = dict(num_mel_bins=128, encoder_layers=2, encoder_attention_head
                       max_source_positions=1500, n_window=100)
 VISION_DEFAULTS = dict(depth=2, hidden_size=128, intermediate_size=256, num_heads=2, in_channels=3, patch_size=14,
                        temporal_patch_size=2, spatial_merge_size=2, window_size=56, fullatt_block_indexes=[1])
+#: safetensors metadata key of a deltas file under which the vision tower's overrides of VISION_DEFAULTS are
+#: recorded (JSON), so that a checkpoint is assembled with the tower the deltas were trained on
+DELTAS_VISION_KEY = "hooked_av.vision"
+
+
+def vision_for_depth(depth: int) -> dict[str, Any]:
+    """Vision-tower overrides for a ViT of `depth` blocks: every second block (and the last) attends over the
+    full frame, the others in windows (the defaults' layout, depth 2 -> full attention in block 1)."""
+    if depth < 1:
+        raise ValueError(f"vision depth must be >= 1, got {depth}")
+    return {"depth": depth, "fullatt_block_indexes": [i for i in range(depth) if i % 2 == 1 or i == depth - 1]}
+
+
+def vision_overrides(vision_config: Any) -> dict[str, Any]:
+    """The entries of a vision config (a transformers config or a dict) that differ from VISION_DEFAULTS: what a
+    deltas file records under DELTAS_VISION_KEY."""
+    get = vision_config.get if isinstance(vision_config, dict) else lambda k, d=None: getattr(vision_config, k, d)
+    return {k: get(k) for k, v in VISION_DEFAULTS.items()
+            if get(k) is not None and (list(get(k)) if isinstance(v, list) else get(k)) != v}
+
+
+def deltas_vision(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The vision-tower overrides recorded in a deltas file (None when it records none: the default tower).
+    The recorded depth is checked against the tower blocks the file holds (a partial file may hold fewer)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        blocks = {int(k.split(".")[2]) for k in f.keys() if k.startswith("vision_encoder.blocks.")}
+    if DELTAS_VISION_KEY not in meta:
+        return None
+    try:
+        vision = json.loads(meta[DELTAS_VISION_KEY])
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: metadata {DELTAS_VISION_KEY!r} is not JSON ({e})") from None
+    depth = vision.get("depth", VISION_DEFAULTS["depth"])
+    if blocks and max(blocks) >= depth:
+        raise ValueError(f"{path}: metadata {DELTAS_VISION_KEY!r} records depth {depth}, but the file holds "
+                         f"vision block {max(blocks)}")
+    return vision
+
+
 #: mrope_section for head_dim 64: Qwen's (16, 24, 24) for head_dim 128, halved (sum = head_dim / 2)
 MROPE_SECTION = (8, 12, 12)
 #: processor settings of the organism's clips (small frames: 112 x 112 -> 4 x 4 merged tokens per temporal grid)
@@ -465,7 +507,8 @@ def assemble(
     constants, and an `organism` record of how it was built), model.safetensors (float32), tokenizer.json /
     tokenizer_config.json. The directory appears atomically (written beside it, then renamed); an existing
     `out_dir` is an error unless `overwrite`. `backbone` = an earlier `load_smollm2()` result (skips re-reading the
-    GGUF; its tensors are not modified).
+    GGUF; its tensors are not modified). A deltas file that records its vision tower (`DELTAS_VISION_KEY`, written
+    by `model_zoo.organism_train.train`) gets that tower; `vision`, if given, must agree with it.
     """
     from safetensors.torch import save_file
 
@@ -473,6 +516,12 @@ def assemble(
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists (pass overwrite=True to replace it)")
     out.parent.mkdir(parents=True, exist_ok=True)
+    if deltas is not None and not isinstance(deltas, dict) and Path(deltas).is_file():
+        recorded = deltas_vision(deltas)
+        if vision is None:
+            vision = recorded
+        elif recorded is not None and {**VISION_DEFAULTS, **recorded} != {**VISION_DEFAULTS, **vision}:
+            raise ValueError(f"{deltas}: trained with vision tower {recorded}, but vision={vision} was asked for")
     weights, tokenizer = backbone if backbone is not None else load_smollm2(gguf_path)
     config = organism_config(n_layers, tokenizer=tokenizer, audio=audio, vision=vision)
     state = organism_state_dict(weights, config, seed=seed)

@@ -159,6 +159,10 @@ class TrainConfig:
     #: training; its towers are final, so `align_steps` must be 0, and the task stage starts a fresh cosine
     #: schedule, optimiser and scaffold probes from its adapters (the deltas keep no optimiser state)
     init_deltas: str | None = None
+    #: with `init_deltas`: towers ("audio", "video") not loaded from it but kept at their seeded random init (of
+    #: the model's size, which may differ from the deltas') and aligned for `align_steps` before the task stage;
+    #: the other tower and the adapters come from the deltas, so the task stage re-fits warm adapters to new tokens
+    fresh_towers: tuple[str, ...] = ()
     save_every: int = 25
     log_every: int = 5
     threads: int = 2
@@ -167,6 +171,7 @@ class TrainConfig:
         self.lora_targets = tuple(self.lora_targets)
         self.attn_layers = tuple(self.attn_layers)
         self.gather_layers = tuple(self.gather_layers)
+        self.fresh_towers = tuple(self.fresh_towers)
 
 
 def _cosine_lr(step: int, total: int, base: float, warmup: int) -> float:
@@ -205,11 +210,12 @@ def jitter_video(inputs: dict[str, Any], strength: float, generator: torch.Gener
 
 def _alignment_loss(model: Any, batch: Sequence[Example], classes: list[str], table: Tensor,
                     temperature: float, absent_weight: float = 1.0, faint_absent: float = 0.0,
-                    video_jitter: float = 0.0) -> tuple[Tensor, float]:
+                    video_jitter: float = 0.0, modalities: Sequence[str] = ("audio", "video")
+                    ) -> tuple[Tensor, float]:
     """Cosine-logit cross-entropy of every AV token against the class table, plus a log-RMS match. With
     `faint_absent` > 0, a faint audio token's target is the mixture (1 - faint_absent) class + faint_absent
     ABSENT (a class-weighted soft cross-entropy); the accuracy counts its class. `video_jitter` > 0 augments
-    each clip's video (`jitter_video`)."""
+    each clip's video (`jitter_video`). Only the tokens of `modalities` enter the loss."""
     from model_zoo.qwen2_5_omni_processing import collate
 
     index = {c: i for i, c in enumerate(classes)}
@@ -219,7 +225,7 @@ def _alignment_loss(model: Any, batch: Sequence[Example], classes: list[str], ta
     mm = inputs.modality_map
     outs, targets, faint = [], [], []
     for b, ex in enumerate(batch):
-        for modality in ("audio", "video"):
+        for modality in modalities:
             pos = mm.positions(modality, b)
             if not len(pos):
                 continue
@@ -488,7 +494,14 @@ def train(model: Any, tokenizer: Any, examples: Sequence[Example], cfg: TrainCon
     rng = random.Random(cfg.seed)
     for p in model.parameters():
         p.requires_grad_(False)
-    tower_params = [p for m in (model.audio_encoder, model.vision_encoder) for p in m.parameters()]
+    unknown = sorted(set(cfg.fresh_towers) - set(TOWERS))
+    if unknown:
+        raise ValueError(f"fresh_towers: unknown tower(s) {unknown}; expected some of {sorted(TOWERS)}")
+    if cfg.fresh_towers and (cfg.init_deltas is None or not cfg.align_steps):
+        raise ValueError("fresh_towers replaces towers of a warm start: it needs init_deltas and align_steps > 0, "
+                         f"got init_deltas={cfg.init_deltas!r}, align_steps={cfg.align_steps}")
+    aligned = cfg.fresh_towers or tuple(TOWERS)
+    tower_params = [p for m in aligned for p in getattr(model, TOWERS[m]).parameters()]
     for p in tower_params:
         p.requires_grad_(True)
     lora_params = []
@@ -513,9 +526,10 @@ def train(model: Any, tokenizer: Any, examples: Sequence[Example], cfg: TrainCon
         raise ValueError(f"lookup_weight > 0 needs the pool of text lookups: lookup_pool={cfg.lookup_pool}, "
                          f"got {len(lookup)} item(s)")
     if cfg.init_deltas is not None:
-        if cfg.align_steps:
-            raise ValueError(f"init_deltas starts from aligned towers: align_steps must be 0, got {cfg.align_steps}")
-        load_deltas(model, cfg.init_deltas)
+        if cfg.align_steps and not cfg.fresh_towers:
+            raise ValueError(f"init_deltas starts from aligned towers: align_steps must be 0 (or name fresh_towers), "
+                             f"got {cfg.align_steps}")
+        load_deltas(model, cfg.init_deltas, skip=tuple(f"{TOWERS[m]}." for m in cfg.fresh_towers))
     classes, table = class_table(model, tokenizer, examples)
     heads = ScaffoldHeads(model.cfg.d_model, n_classes=len(classes) if cfg.class_weight > 0 else 0)
     opt_heads = torch.optim.AdamW(heads.parameters(), lr=cfg.lr)
@@ -561,7 +575,7 @@ def train(model: Any, tokenizer: Any, examples: Sequence[Example], cfg: TrainCon
             for g in opt.param_groups:
                 g["lr"] = _cosine_lr(step, cfg.align_steps, cfg.align_lr, cfg.warmup)
             loss, acc = _alignment_loss(model, batch, classes, table, cfg.temperature, cfg.absent_weight,
-                                         cfg.faint_absent, cfg.video_jitter)
+                                         cfg.faint_absent, cfg.video_jitter, aligned)
             params = tower_params
         else:
             stage, opt, params = "task", opt_task, lora_params
@@ -664,7 +678,8 @@ def train(model: Any, tokenizer: Any, examples: Sequence[Example], cfg: TrainCon
     model.eval()
     deltas = out / "deltas.safetensors"
     tmp = deltas.with_suffix(".tmp")
-    save_file({k: v.contiguous() for k, v in trainable_state(model).items()}, str(tmp))
+    save_file({k: v.contiguous() for k, v in trainable_state(model).items()}, str(tmp),
+              metadata=deltas_metadata(model))
     tmp.replace(deltas)
     return deltas
 
@@ -784,16 +799,26 @@ def tower_accuracy(model: Any, tokenizer: Any, examples: Sequence[Example], trai
 
 #: settings that may change when a run is resumed: more task steps extend it (the cosine schedule is recomputed
 #: over the new total, a warm restart), the log cadence and the thread count do not change what is computed
-def load_deltas(model: Any, path: str | Path) -> None:
+def deltas_metadata(model: Any) -> dict[str, str]:
+    """The safetensors metadata of a deltas file: the vision tower's overrides of the organism's defaults, so that
+    `model_zoo.organism.assemble` builds the tower the deltas were trained on."""
+    from model_zoo.organism import DELTAS_VISION_KEY, vision_overrides
+
+    return {"format": "pt", DELTAS_VISION_KEY: json.dumps(vision_overrides(model.vision_encoder.config))}
+
+
+def load_deltas(model: Any, path: str | Path, skip: tuple[str, ...] = ()) -> None:
     """Load a deltas file (towers and LoRA factors, as `train` writes it) into `model`, whose adapters must
-    already be in place with the same blocks, targets, rank and scale; anything that does not match is named."""
+    already be in place with the same blocks, targets, rank and scale; anything that does not match is named.
+    Entries whose names start with one of `skip` (e.g. "vision_encoder.") are left out on both sides: that part
+    of the model keeps its weights, whatever its size in the file."""
     from safetensors.torch import load_file
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"init_deltas: no deltas file at {path}")
-    stored = load_file(str(path))
-    expected = trainable_state(model)
+    stored = {k: v for k, v in load_file(str(path)).items() if not k.startswith(skip)}
+    expected = {k: v for k, v in trainable_state(model).items() if not k.startswith(skip)}
     missing = sorted(set(expected) - set(stored))
     extra = sorted(set(stored) - set(expected))
     if missing or extra:
@@ -847,6 +872,10 @@ def remaining_horizons(horizons: Sequence[int], out: str | Path) -> list[int]:
         return horizons
     saved = int(torch.load(state, weights_only=False)["config"]["steps"])
     return [h for h in horizons if h >= saved] or [saved]
+
+
+#: the towers by modality: the model attribute of each
+TOWERS = {"audio": "audio_encoder", "video": "vision_encoder"}
 
 
 def _is_trained(name: str) -> bool:

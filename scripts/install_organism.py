@@ -8,7 +8,8 @@ accuracies they were calibrated beside) and, optionally, the held-out evaluation
     .venv/bin/python scripts/install_organism.py runs/orgH --evaluation runs/eval_H
 
 The evaluation must have been measured on this run's deltas (its `organism.deltas_sha256`) and sink constants;
-anything else is refused before a file is written. Without `--evaluation` a stale `evaluation.json` in the
+anything else is refused before a file is written. A run with another vision depth installs when its deltas
+record that tower (`model_zoo.organism.DELTAS_VISION_KEY`): `build_organism.py` assembles the tower they record. Without `--evaluation` a stale `evaluation.json` in the
 destination is removed (it would describe other deltas). `train_organism.py` without `--no-install` calls the same
 `install`.
 """
@@ -49,14 +50,26 @@ def run_deltas(run: Path, result: dict[str, Any]) -> Path:
     config = result.get("config")
     if not isinstance(config, dict):
         raise InstallError(f"{run / 'result.json'}: no 'config' object")
-    if config.get("vision_depth") is not None:
-        raise InstallError(f"{run / 'result.json'}: config.vision_depth is {config['vision_depth']}; "
-                           f"build_organism.py assembles the default vision tower, so these deltas would not load")
     stage = "refine" if config.get("refine_steps") else "train"
     path = run / stage / "deltas.safetensors"
     if not path.is_file():
         raise InstallError(f"{run}: config.refine_steps={config.get('refine_steps')} puts the final deltas at "
                            f"{path}, which does not exist")
+    depth = config.get("vision_depth")
+    if depth is not None:  # build_organism.py assembles the tower the deltas record: it must be this one
+        from model_zoo.organism import DELTAS_VISION_KEY, VISION_DEFAULTS, deltas_vision
+
+        try:
+            recorded = deltas_vision(path)
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types on a bad header
+            raise InstallError(f"{path}: cannot read its vision-tower record ({e})") from None
+        if recorded is None:
+            raise InstallError(f"{path}: the run trained a vision tower of depth {depth}, but the deltas record no "
+                               f"tower (no {DELTAS_VISION_KEY!r} metadata), so they would be assembled with the "
+                               f"default one")
+        if recorded.get("depth", VISION_DEFAULTS["depth"]) != depth:
+            raise InstallError(f"{path}: records vision depth {recorded.get('depth', VISION_DEFAULTS['depth'])}, "
+                               f"but {run / 'result.json'} has config.vision_depth {depth}")
     return path
 
 

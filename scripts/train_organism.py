@@ -27,10 +27,13 @@ step; the frozen prefixes of blocks 0-15 are computed once per clip variant, on 
 Without AMX (bf16 autocast gains little) a task step takes 5-7 s: task stage about 65 minutes, refinement 50.
 
 `--video-jitter` and `--vision-depth` change the vision tower's training (colour jitter of its input) and size;
-their defaults are the committed recipe's (no jitter, `model_zoo.organism.VISION_DEFAULTS`). A tower of 4 blocks
-with jitter 0.2 and 2,000 alignment steps names 70% of the object's tokens in held-out clips right (against 50%),
-but after the same task stage the joint run is worse (held-out AV 60% against 69%; val 55% against 75%): see the
-README.
+their defaults are the committed recipe's (no jitter, `model_zoo.organism.VISION_DEFAULTS`). The deltas record
+the tower's size in their metadata, so `build_organism.py` assembles the tower they were trained on. A tower of 4
+blocks with jitter 0.2 and 2,000 alignment steps names 70% of the object's tokens in held-out clips right (against
+50%), but after the same task stage the joint run is worse (held-out AV 60% against 69%; val 55% against 75%): see
+the README. `--init-from DELTAS --fresh-video` swaps in a new video tower (seeded random init, of
+`--vision-depth`) aligned alone for `--align-steps` (default 1000), then runs the task stage from the deltas'
+adapters and audio tower.
 """
 
 from __future__ import annotations
@@ -311,6 +314,10 @@ def main() -> None:
     ap.add_argument("--vision-depth", type=int, default=None,
                     help="blocks of the vision tower (default: model_zoo.organism.VISION_DEFAULTS); every second "
                          "block attends over the full frame, the others in windows")
+    ap.add_argument("--fresh-video", action="store_true",
+                    help="with --init-from: a new video tower (seeded random init, of --vision-depth) aligned for "
+                         "--align-steps (default 1000) before the task stage; the audio tower and the adapters come "
+                         "from the deltas")
     ap.add_argument("--silent-weight", type=float, default=1.0,
                     help="task-stage sampling weight of the clips whose class never sounds (1: uniform)")
     ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
@@ -322,15 +329,20 @@ def main() -> None:
     init = None
     if args.init_from is not None:
         init = out / "init_deltas.safetensors"
-        if args.align_steps:
-            ap.error(f"--init-from starts from aligned towers: --align-steps must be 0, got {args.align_steps}")
+        if args.align_steps and not args.fresh_video:
+            ap.error(f"--init-from starts from aligned towers: --align-steps must be 0 (or pass --fresh-video), "
+                     f"got {args.align_steps}")
         if not init.exists() and not Path(args.init_from).is_file():
             ap.error(f"--init-from: no deltas file at {args.init_from}")
-        args.align_steps = 0
+        args.align_steps = (1000 if args.align_steps is None else args.align_steps) if args.fresh_video else 0
+        if args.fresh_video and args.align_steps < 1:
+            ap.error(f"--fresh-video needs alignment steps for the new tower, got --align-steps {args.align_steps}")
         if args.refine_steps:
             ap.error(f"--init-from is itself a refinement: --refine-steps must be 0, got {args.refine_steps}")
         args.refine_steps = 0
     else:
+        if args.fresh_video:
+            ap.error("--fresh-video replaces the video tower of a warm start: it needs --init-from")
         args.align_steps = 1000 if args.align_steps is None else args.align_steps
         args.refine_steps = 500 if args.refine_steps is None else args.refine_steps
     if args.refine_steps < 0:
@@ -343,12 +355,7 @@ def main() -> None:
     if args.vision_depth is not None:
         if args.vision_depth < 1:
             ap.error(f"--vision-depth must be >= 1, got {args.vision_depth}")
-        if not args.no_install:
-            ap.error("--vision-depth needs --no-install: build_organism.py assembles the default vision tower, so "
-                     "installed deltas of another depth would not load")
-        vision = {"depth": args.vision_depth,
-                  "fullatt_block_indexes": [i for i in range(args.vision_depth) if i % 2 == 1 or
-                                            i == args.vision_depth - 1]}
+        vision = organism.vision_for_depth(args.vision_depth)  # recorded in the deltas, which build with it
     out.mkdir(parents=True, exist_ok=True)
     if init is not None and not init.exists():  # the run's own copy: a resume must not see a reinstalled file
         shutil.copy(args.init_from, init.with_suffix(".tmp"))
@@ -373,7 +380,8 @@ def main() -> None:
                       gather_layers=tuple(args.gather_layers), gather_weight=args.gather_weight,
                       lookup_scaffold=args.lookup_scaffold, silent_weight=args.silent_weight,
                       faint_absent=args.faint_absent, video_jitter=args.video_jitter, bf16=args.bf16,
-                      init_deltas=str(init) if init is not None else None)
+                      init_deltas=str(init) if init is not None else None,
+                      fresh_towers=("video",) if args.fresh_video else ())
     pool = lookup_pool(rt.tokenizer, cfg.lookup_pool, args.lookup_turns, args.seed) if cfg.lookup_pool else []
     for k, steps in enumerate(horizons):
         if k:  # a fresh model: `train` adds the adapters and reloads every trained weight from the saved state

@@ -68,15 +68,18 @@ def test_install_without_evaluation_drops_a_stale_one(tmp_path):
     ("other sinks", "differ from the run's calibration"),
     ("no record", "no organism.deltas_sha256"),
     ("unfinished", "no 'calibration' object"),
-    ("vision depth", "config.vision_depth is 4"),
+    ("vision depth", "trained a vision tower of depth 4, but the deltas record no tower"),
+    ("other depth", "records vision depth 3, but .*config.vision_depth 4"),
 ])
 def test_install_refuses_a_mismatch_before_writing_anything(tmp_path, case, needle):
     mod = _script()
     dest = tmp_path / "deltas_dir"
     dest.mkdir()
     (dest / "deltas.safetensors").write_bytes(b"committed")
-    run = _run(tmp_path, vision_depth=4 if case == "vision depth" else None)
+    run = _run(tmp_path, vision_depth=4 if case in ("vision depth", "other depth") else None)
     payload = b"other" if case == "other deltas" else b"task-stage deltas"
+    if case in ("vision depth", "other depth"):  # real deltas files: without and with another recorded depth
+        payload = _deltas_file(run / "train" / "deltas.safetensors", depth=3 if case == "other depth" else None)
     ev = _evaluation(tmp_path, payload, sinks={**SINKS, "tau": 3.0} if case == "other sinks" else SINKS)
     if case == "no record":
         record = json.loads((ev / "evaluation.json").read_text())
@@ -90,6 +93,29 @@ def test_install_refuses_a_mismatch_before_writing_anything(tmp_path, case, need
         mod.install(run, ev, dest)
     assert sorted(p.name for p in dest.iterdir()) == ["deltas.safetensors"]
     assert (dest / "deltas.safetensors").read_bytes() == b"committed"
+
+
+def _deltas_file(path: Path, depth=None) -> bytes:
+    """A safetensors deltas file with `depth` vision blocks, recording them when `depth` is given."""
+    import torch
+    from safetensors.torch import save_file
+
+    from model_zoo.organism import DELTAS_VISION_KEY, vision_for_depth
+
+    blocks = {f"vision_encoder.blocks.{i}.norm1.weight": torch.ones(2) for i in range(depth or 2)}
+    save_file(blocks, str(path), metadata={DELTAS_VISION_KEY: json.dumps(vision_for_depth(depth))} if depth else None)
+    return path.read_bytes()
+
+
+def test_install_accepts_another_vision_depth_that_the_deltas_record(tmp_path):
+    """A run with --vision-depth 4 installs when its deltas record that tower (build_organism.py reads it)."""
+    from model_zoo.organism import deltas_vision
+
+    mod = _script()
+    run = _run(tmp_path, vision_depth=4)
+    payload = _deltas_file(run / "train" / "deltas.safetensors", depth=4)
+    path = mod.install(run, _evaluation(tmp_path, payload), tmp_path / "deltas_dir")
+    assert path.read_bytes() == payload and deltas_vision(path)["depth"] == 4
 
 
 def test_install_cli_names_a_missing_run_without_a_traceback(tmp_path):

@@ -314,6 +314,32 @@ def test_deltas_override_towers_and_new_rows(backbone, tmp_path):
         organism.apply_deltas(state, {"visual.merger.mlp.0.weight": torch.zeros(1)})
 
 
+@needs_gguf
+def test_deltas_that_record_another_vision_tower_assemble_with_it(backbone, tmp_path):
+    """Deltas of a deeper vision tower (recorded in their metadata by the trainer) assemble a checkpoint with that
+    tower, which both transformers' class and HookedAVModel load; asking for another tower is an error."""
+    from safetensors.torch import save_file
+    from transformers import Qwen2_5OmniThinkerForConditionalGeneration
+
+    from hooked_av import HookedAVModel
+
+    norm = torch.full((organism.VISION_DEFAULTS["hidden_size"],), 0.25)
+    path = tmp_path / "deltas.safetensors"
+    save_file({"vision_encoder.blocks.3.norm1.weight": norm}, str(path),
+              metadata={organism.DELTAS_VISION_KEY: json.dumps(organism.vision_for_depth(4))})
+    out = organism.assemble(tmp_path / "deep", deltas=path, n_layers=2, backbone=backbone)
+    vision = json.loads((out / "config.json").read_text())["vision_config"]
+    assert vision["depth"] == 4 and vision["fullatt_block_indexes"] == [1, 3]
+    model = HookedAVModel.from_pretrained("organism", checkpoint=str(out))
+    assert len(model.vision_encoder.blocks) == 4 and torch.equal(model.vision_encoder.blocks[3].norm1.weight, norm)
+    hf = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(str(out))
+    assert torch.equal(hf.model.visual.blocks[3].norm1.weight, norm)
+    with pytest.raises(ValueError, match="trained with vision tower .*'depth': 4.*but vision=.*'depth': 2"):
+        organism.assemble(tmp_path / "other", deltas=path, n_layers=2, backbone=backbone,
+                          vision=organism.vision_for_depth(2))
+    assert not (tmp_path / "other").exists()
+
+
 def test_lora_deltas_sinks_and_processor_are_stored(tmp_path):
     """LoRA factors in the deltas fold into the weights; calibrated sinks and processor settings are stored and
     win over the preset's placeholder on loading."""

@@ -88,7 +88,7 @@ def test_warm_start_from_deltas_loads_them_exactly_and_trains_on(tmp_path):
     assert any(not torch.equal(on[k], first[k]) for k in first if k.endswith(".lora_b"))
     log = [json.loads(line) for line in (tmp_path / "c" / "log.jsonl").read_text().splitlines()]
     assert [r["stage"] for r in log] == ["task"] * 3
-    with pytest.raises(ValueError, match="align_steps must be 0, got 2"):
+    with pytest.raises(ValueError, match="align_steps must be 0 \\(or name fresh_towers\\), got 2"):
         train(HookedAVModel.from_hf_model(tiny_hf_thinker(seed=0)), TinyTokenizer(), examples(),
               TrainConfig(**{**warm, "out": str(tmp_path / "d"), "align_steps": 2}))
     with pytest.raises(ValueError, match="do not fit this model.*lora_b: stored \\(\\d+, 2\\), model \\(\\d+, 4\\)"):
@@ -434,9 +434,66 @@ def test_examples_cached_before_audio_faint_load_with_its_default():
     assert pickle.loads(old).audio_faint == [False, True, False, False]
 
 
+def _deeper_vision_thinker(depth: int):
+    """The tiny thinker with a vision tower of `depth` blocks (seeded: the same weights on each call)."""
+    from transformers import Qwen2_5OmniThinkerForConditionalGeneration
+
+    from model_zoo.organism import vision_for_depth
+    from model_zoo.tiny import tiny_thinker_config
+
+    cfg = tiny_thinker_config()
+    for k, v in vision_for_depth(depth).items():
+        setattr(cfg.vision_config, k, v)
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(1)
+    return Qwen2_5OmniThinkerForConditionalGeneration(cfg).eval()
+
+
+def test_fresh_video_tower_replaces_the_warm_start_s_and_is_recorded(tmp_path):
+    """fresh_towers=("video",): the audio tower and adapters come from the deltas exactly, the video tower is a
+    new one (another depth) that the alignment stage trains alone, and the deltas record its depth."""
+    from model_zoo.organism import DELTAS_VISION_KEY, deltas_vision
+
+    cfg = TrainConfig(out=str(tmp_path / "a"), align_steps=3, steps=3, batch_size=2, lora_rank=2, log_every=1,
+                      warmup=1, lora_from=1)
+    first_path = train(HookedAVModel.from_hf_model(tiny_hf_thinker(seed=0)), TinyTokenizer(), examples(), cfg)
+    first = load_file(str(first_path))
+    depth = 1 + max(int(k.split(".")[2]) for k in first if k.startswith("vision_encoder.blocks.")) + 1
+    fresh = HookedAVModel.from_hf_model(_deeper_vision_thinker(depth))
+    before = {k: v.clone() for k, v in fresh.vision_encoder.state_dict().items()}
+    warm = dict(vars(cfg), init_deltas=str(first_path), fresh_towers=("video",))
+    # alignment only: the adapters and the audio tower are the loaded ones, bit for bit; the new tower moved
+    path = train(fresh, TinyTokenizer(), examples(), TrainConfig(**{**warm, "out": str(tmp_path / "b"), "steps": 0}))
+    aligned = load_file(str(path))
+    assert all(torch.equal(aligned[k], v) for k, v in first.items() if not k.startswith("vision_encoder."))
+    blocks = {k.split(".")[2] for k in aligned if k.startswith("vision_encoder.blocks.")}
+    assert len(blocks) == depth
+    assert any(not torch.equal(aligned[f"vision_encoder.{k}"], v) for k, v in before.items())
+    assert deltas_vision(path)["depth"] == depth
+    with pytest.raises(ValueError, match=f"records depth {depth - 2}, but the file holds vision block {depth - 2}"):
+        from safetensors.torch import save_file
+
+        save_file(first, str(tmp_path / "bad.safetensors"), metadata={DELTAS_VISION_KEY: json.dumps({"depth": depth - 2})})
+        deltas_vision(tmp_path / "bad.safetensors")
+    # then the task stage: the adapters move on from the loaded ones, both towers stay
+    on = load_file(str(train(HookedAVModel.from_hf_model(_deeper_vision_thinker(depth)), TinyTokenizer(), examples(),
+                             TrainConfig(**{**warm, "out": str(tmp_path / "c")}))))
+    assert all(torch.equal(on[k], first[k]) for k in first if k.startswith("audio_encoder."))
+    assert any(not torch.equal(on[k], first[k]) for k in first if k.endswith(".lora_b"))
+    log = [json.loads(line) for line in (tmp_path / "c" / "log.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in log] == ["align"] * 3 + ["task"] * 3
+    for bad, message in (({"fresh_towers": ("vision",)}, "unknown tower.*'vision'"),
+                         ({"init_deltas": None}, "fresh_towers replaces towers of a warm start"),
+                         ({"align_steps": 0}, "needs init_deltas and align_steps > 0")):
+        with pytest.raises(ValueError, match=message):
+            train(HookedAVModel.from_hf_model(_deeper_vision_thinker(depth)), TinyTokenizer(), examples(),
+                  TrainConfig(**{**warm, "out": str(tmp_path / "d"), **bad}))
+
+
 def test_recipe_checks_a_warm_start_before_any_work(tmp_path):
     """scripts/train_organism.py --init-from: a missing file, alignment steps on top of final towers or a
-    refinement of a refinement, or installing a non-default vision depth, is named, and nothing is written."""
+    refinement of a refinement, --fresh-video without a warm start or without alignment steps, or a vision depth
+    below 1, is named, and nothing is written."""
     import subprocess
     import sys
     from pathlib import Path
@@ -444,7 +501,11 @@ def test_recipe_checks_a_warm_start_before_any_work(tmp_path):
     script = Path(__file__).resolve().parents[1] / "scripts" / "train_organism.py"
     out = tmp_path / "run"
     for extra, message in ((["--init-from", str(tmp_path / "nope.safetensors")], "--init-from: no deltas file at"),
-                           (["--init-from", str(script), "--align-steps", "5"], "--align-steps must be 0, got 5"),
+                           (["--init-from", str(script), "--align-steps", "5"],
+                            "--align-steps must be 0 (or pass --fresh-video), got 5"),
+                           (["--fresh-video"], "--fresh-video replaces the video tower of a warm start"),
+                           (["--init-from", str(script), "--fresh-video", "--align-steps", "0"],
+                            "--fresh-video needs alignment steps"),
                            (["--init-from", str(script), "--refine-steps", "5"], "--refine-steps must be 0, got 5"),
                            (["--refine-steps", "-1"], "--refine-steps must be >= 0, got -1")):
         proc = subprocess.run([sys.executable, str(script), "--out", str(out), "--no-install", *extra],
@@ -452,7 +513,7 @@ def test_recipe_checks_a_warm_start_before_any_work(tmp_path):
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
         assert "Traceback" not in proc.stderr
         assert not out.exists()
-    proc = subprocess.run([sys.executable, str(script), "--out", str(out), "--vision-depth", "4"],
+    proc = subprocess.run([sys.executable, str(script), "--out", str(out), "--vision-depth", "0"],
                           capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2 and "--vision-depth needs --no-install" in proc.stderr, proc.stderr[-2000:]
+    assert proc.returncode == 2 and "--vision-depth must be >= 1, got 0" in proc.stderr, proc.stderr[-2000:]
     assert not out.exists()
