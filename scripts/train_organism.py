@@ -359,6 +359,17 @@ def main() -> None:
         if args.vision_depth < 1:
             ap.error(f"--vision-depth must be >= 1, got {args.vision_depth}")
         vision = organism.vision_for_depth(args.vision_depth)  # recorded in the deltas, which build with it
+    if init is not None and not args.fresh_video:  # the warm start's vision tower is the one its deltas record
+        source = init if init.exists() else Path(args.init_from)
+        try:
+            recorded = organism.deltas_vision(source)
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types on a bad header
+            ap.error(f"--init-from: cannot read {source} as a deltas file ({e})")
+        depth = (recorded or {}).get("depth", organism.VISION_DEFAULTS["depth"])
+        if args.vision_depth is not None and args.vision_depth != depth:
+            ap.error(f"--vision-depth {args.vision_depth}: the deltas of --init-from hold a vision tower of depth "
+                     f"{depth} (pass --fresh-video to replace it)")
+        vision = recorded or None
     out.mkdir(parents=True, exist_ok=True)
     if init is not None and not init.exists():  # the run's own copy: a resume must not see a reinstalled file
         shutil.copy(args.init_from, init.with_suffix(".tmp"))

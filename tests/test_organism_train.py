@@ -492,14 +492,22 @@ def test_fresh_video_tower_replaces_the_warm_start_s_and_is_recorded(tmp_path):
 
 def test_recipe_checks_a_warm_start_before_any_work(tmp_path):
     """scripts/train_organism.py --init-from: a missing file, alignment steps on top of final towers or a
-    refinement of a refinement, --fresh-video without a warm start or without alignment steps, or a vision depth
-    below 1, is named, and nothing is written."""
+    refinement of a refinement, --fresh-video without a warm start or without alignment steps, a vision depth
+    below 1 or other than the warm start's, or a warm start that is no deltas file, is named, and nothing is
+    written."""
     import subprocess
     import sys
     from pathlib import Path
 
+    from safetensors.torch import save_file
+
+    from model_zoo.organism import DELTAS_VISION_KEY, vision_for_depth
+
     script = Path(__file__).resolve().parents[1] / "scripts" / "train_organism.py"
     out = tmp_path / "run"
+    deep = tmp_path / "deep.safetensors"  # deltas of a 4-block vision tower
+    save_file({f"vision_encoder.blocks.{i}.norm1.weight": torch.ones(2) for i in range(4)}, str(deep),
+              metadata={DELTAS_VISION_KEY: json.dumps(vision_for_depth(4))})
     for extra, message in ((["--init-from", str(tmp_path / "nope.safetensors")], "--init-from: no deltas file at"),
                            (["--init-from", str(script), "--align-steps", "5"],
                             "--align-steps must be 0 (or pass --fresh-video), got 5"),
@@ -507,6 +515,9 @@ def test_recipe_checks_a_warm_start_before_any_work(tmp_path):
                            (["--init-from", str(script), "--fresh-video", "--align-steps", "0"],
                             "--fresh-video needs alignment steps"),
                            (["--init-from", str(script), "--refine-steps", "5"], "--refine-steps must be 0, got 5"),
+                           (["--init-from", str(script)], "--init-from: cannot read"),
+                           (["--init-from", str(deep), "--vision-depth", "3"],
+                            "--vision-depth 3: the deltas of --init-from hold a vision tower of depth 4"),
                            (["--refine-steps", "-1"], "--refine-steps must be >= 0, got -1")):
         proc = subprocess.run([sys.executable, str(script), "--out", str(out), "--no-install", *extra],
                               capture_output=True, text=True, timeout=300)
