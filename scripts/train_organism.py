@@ -277,8 +277,8 @@ def main() -> None:
                     help="tower alignment steps (default 1000; 0 with --init-from, whose towers are final)")
     ap.add_argument("--init-from", default=None, metavar="DELTAS",
                     help="warm start: a deltas file (e.g. model_zoo/organism_deltas/deltas.safetensors) whose towers "
-                         "and adapters the task stage starts from; copied into the run folder so a resume reads "
-                         "the same file")
+                         "and adapters the task stage starts from (its vision tower the one the deltas record); "
+                         "copied into the run folder so a resume reads the same file")
     ap.add_argument("--refine-steps", type=int, default=None,
                     help="after the task stage, this many task steps more, warm-started from its deltas with a fresh "
                          "schedule, optimiser and scaffold probes (in <out>/refine; default 500; 0 with --init-from, "
