@@ -102,19 +102,23 @@ def vision_for_depth(depth: int) -> dict[str, Any]:
 def vision_overrides(vision_config: Any) -> dict[str, Any]:
     """The entries of a vision config (a transformers config or a dict) that differ from VISION_DEFAULTS: what a
     deltas file records under DELTAS_VISION_KEY."""
-    get = vision_config.get if isinstance(vision_config, dict) else lambda k, d=None: getattr(vision_config, k, d)
-    return {k: get(k) for k, v in VISION_DEFAULTS.items()
-            if get(k) is not None and (list(get(k)) if isinstance(v, list) else get(k)) != v}
+    values = vision_config if isinstance(vision_config, dict) else vision_config.to_dict()
+    return {k: values[k] for k, default in VISION_DEFAULTS.items()
+            if values.get(k) is not None and (list(values[k]) if isinstance(default, list) else values[k]) != default}
 
 
 def deltas_vision(path: str | os.PathLike) -> dict[str, Any] | None:
     """The vision-tower overrides recorded in a deltas file (None when it records none: the default tower).
-    The recorded depth is checked against the tower blocks the file holds (a partial file may hold fewer)."""
+    The recorded depth is checked against the tower blocks the file holds (a partial file may hold fewer). A file
+    that cannot be read as safetensors is a ValueError naming it."""
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        blocks = {int(k.split(".")[2]) for k in f.keys() if k.startswith("vision_encoder.blocks.")}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            blocks = {int(k.split(".")[2]) for k in f.keys() if k.startswith("vision_encoder.blocks.")}
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error type on a bad header
+        raise ValueError(f"{path}: cannot be read as a deltas file ({e})") from None
     if DELTAS_VISION_KEY not in meta:
         return None
     try:

@@ -37,6 +37,8 @@ from torch import Tensor
 
 #: text whose embedding stands for "nothing of a class here" in the alignment stage
 ABSENT_TEXT = " background noise"
+#: the towers by modality: the model attribute of each
+TOWERS = {"audio": "audio_encoder", "video": "vision_encoder"}
 
 
 @dataclass
@@ -460,8 +462,8 @@ def trainable_state(model: Any) -> dict[str, Tensor]:
     """The deltas: tower weights and LoRA factors (nothing of the frozen decoder)."""
     from model_zoo.lora import lora_state
 
-    out = {f"audio_encoder.{k}": v.detach().clone() for k, v in model.audio_encoder.state_dict().items()}
-    out.update({f"vision_encoder.{k}": v.detach().clone() for k, v in model.vision_encoder.state_dict().items()})
+    out = {f"{name}.{k}": v.detach().clone() for name in TOWERS.values()
+           for k, v in getattr(model, name).state_dict().items()}
     out.update(lora_state(model))
     return out
 
@@ -797,8 +799,6 @@ def tower_accuracy(model: Any, tokenizer: Any, examples: Sequence[Example], trai
     return {f"tower_{kind}acc_{m}": h / max(n, 1) for (m, kind), (h, n) in hits.items() if n or kind != "faint_"}
 
 
-#: settings that may change when a run is resumed: more task steps extend it (the cosine schedule is recomputed
-#: over the new total, a warm restart), the log cadence and the thread count do not change what is computed
 def deltas_metadata(model: Any) -> dict[str, str]:
     """The safetensors metadata of a deltas file: the vision tower's overrides of the organism's defaults, so that
     `model_zoo.organism.assemble` builds the tower the deltas were trained on."""
@@ -837,6 +837,8 @@ def load_deltas(model: Any, path: str | Path, skip: tuple[str, ...] = ()) -> Non
         raise ValueError(f"{path}: entries the model has no parameter for: {result.unexpected_keys[:3]}")
 
 
+#: settings that may change when a run is resumed: more task steps extend it (the cosine schedule is recomputed
+#: over the new total, a warm restart), the log cadence and the thread count do not change what is computed
 EXTENSIBLE = ("steps", "save_every", "log_every", "threads")
 #: settings of the task stage alone: they may change while a resumed run has not begun that stage
 TASK_STAGE = ("lr", "batch_size", "p_unimodal", "silent_weight", "aux_layer", "aux_weight", "attn_layers",
@@ -874,9 +876,5 @@ def remaining_horizons(horizons: Sequence[int], out: str | Path) -> list[int]:
     return [h for h in horizons if h >= saved] or [saved]
 
 
-#: the towers by modality: the model attribute of each
-TOWERS = {"audio": "audio_encoder", "video": "vision_encoder"}
-
-
 def _is_trained(name: str) -> bool:
-    return name.startswith(("audio_encoder.", "vision_encoder.")) or ".lora_" in name
+    return name.startswith(tuple(f"{t}." for t in TOWERS.values())) or ".lora_" in name

@@ -9,9 +9,9 @@ accuracies they were calibrated beside) and, optionally, the held-out evaluation
 
 The evaluation must have been measured on this run's deltas (its `organism.deltas_sha256`) and sink constants;
 anything else is refused before a file is written. A run with another vision depth installs when its deltas
-record that tower (`model_zoo.organism.DELTAS_VISION_KEY`): `build_organism.py` assembles the tower they record. Without `--evaluation` a stale `evaluation.json` in the
-destination is removed (it would describe other deltas). `train_organism.py` without `--no-install` calls the same
-`install`.
+record that tower (`model_zoo.organism.DELTAS_VISION_KEY`): `build_organism.py` assembles the tower they record.
+Without `--evaluation` a stale `evaluation.json` in the destination is removed (it would describe other deltas).
+`train_organism.py` without `--no-install` calls the same `install`.
 """
 
 from __future__ import annotations
@@ -61,8 +61,8 @@ def run_deltas(run: Path, result: dict[str, Any]) -> Path:
 
         try:
             recorded = deltas_vision(path)
-        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types on a bad header
-            raise InstallError(f"{path}: cannot read its vision-tower record ({e})") from None
+        except ValueError as e:
+            raise InstallError(f"cannot read the deltas' vision-tower record: {e}") from None
         if recorded is None:
             raise InstallError(f"{path}: the run trained a vision tower of depth {depth}, but the deltas record no "
                                f"tower (no {DELTAS_VISION_KEY!r} metadata), so they would be assembled with the "

@@ -21,10 +21,9 @@ such a refinement alone on any deltas file. The committed deltas are three of th
 deltas with `--steps 500` (the same training as the refinement stage), then `--init-from` its deltas with
 `--steps 500 --silent-weight 2` (held-out AV 77.8% -> 82.0%), then `--init-from` its deltas with `--fresh-video
 --vision-depth 4 --video-jitter 0.2 --align-steps 2000 --steps 500 --silent-weight 2` (82.0% -> 87.2%; see the
-README). `--steps` also takes a staged
-schedule (e.g. 600 1100 1500): train to the first horizon, then extend to each next one; each extension recomputes
-the cosine schedule over the new total (a warm restart), exactly as resuming a finished run with a larger `--steps`
-does. About 80 minutes on 2 cores with AMX: clips processed in 6 minutes, alignment 9, task stage 38 (3.8 s per
+README). `--steps` also takes a staged schedule (e.g. 600 1100 1500): train to the first horizon, then extend to
+each next one; each extension recomputes the cosine schedule over the new total (a warm restart), exactly as
+resuming a finished run with a larger `--steps` does. About 80 minutes on 2 cores with AMX: clips processed in 6 minutes, alignment 9, task stage 38 (3.8 s per
 step; the frozen prefixes of blocks 0-15 are computed once per clip variant, on first use), refinement about 30.
 Without AMX (bf16 autocast gains little) a task step takes 5-7 s: task stage about 65 minutes, refinement 50.
 
@@ -337,17 +336,17 @@ def main() -> None:
                      f"got {args.align_steps}")
         if not init.exists() and not Path(args.init_from).is_file():
             ap.error(f"--init-from: no deltas file at {args.init_from}")
-        args.align_steps = (1000 if args.align_steps is None else args.align_steps) if args.fresh_video else 0
-        if args.fresh_video and args.align_steps < 1:
+        if args.fresh_video and args.align_steps is not None and args.align_steps < 1:
             ap.error(f"--fresh-video needs alignment steps for the new tower, got --align-steps {args.align_steps}")
         if args.refine_steps:
             ap.error(f"--init-from is itself a refinement: --refine-steps must be 0, got {args.refine_steps}")
         args.refine_steps = 0
-    else:
-        if args.fresh_video:
-            ap.error("--fresh-video replaces the video tower of a warm start: it needs --init-from")
-        args.align_steps = 1000 if args.align_steps is None else args.align_steps
-        args.refine_steps = 500 if args.refine_steps is None else args.refine_steps
+    elif args.fresh_video:
+        ap.error("--fresh-video replaces the video tower of a warm start: it needs --init-from")
+    if args.align_steps is None:  # towers of a warm start are final unless one is replaced
+        args.align_steps = 0 if init is not None and not args.fresh_video else 1000
+    if args.refine_steps is None:
+        args.refine_steps = 500
     if args.refine_steps < 0:
         ap.error(f"--refine-steps must be >= 0, got {args.refine_steps}")
     try:
@@ -363,8 +362,8 @@ def main() -> None:
         source = init if init.exists() else Path(args.init_from)
         try:
             recorded = organism.deltas_vision(source)
-        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types on a bad header
-            ap.error(f"--init-from: cannot read {source} as a deltas file ({e})")
+        except ValueError as e:
+            ap.error(f"--init-from: cannot read the deltas' vision-tower record: {e}")
         depth = (recorded or {}).get("depth", organism.VISION_DEFAULTS["depth"])
         if args.vision_depth is not None and args.vision_depth != depth:
             ap.error(f"--vision-depth {args.vision_depth}: the deltas of --init-from hold a vision tower of depth "
