@@ -63,6 +63,9 @@ class Example:
     #: `TrainConfig.faint_absent` its tokens are aligned partly to ABSENT, so the towers keep how strong a sound is
     audio_faint: list[bool] = field(default_factory=list)
     sample_id: str = ""
+    #: the generator's condition of the clip (`analyses.avsynth.CONDITIONS`, e.g. "audio_clean+video_confusable");
+    #: what `TrainConfig.condition_weights` matches ("" when unknown)
+    condition: str = ""
 
     def token_classes(self, modality: str, chunks: Sequence[int]) -> list[str]:
         """The alignment target of each of this modality's tokens, given each token's chunk index."""
@@ -76,7 +79,8 @@ class Example:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # example caches pickled before a field existed load with that field's default
-        defaults = {f.name: f.default_factory() for f in fields(self) if f.default_factory is not MISSING}
+        defaults = {f.name: f.default if f.default is not MISSING else f.default_factory() for f in fields(self)
+                    if f.default is not MISSING or f.default_factory is not MISSING}
         self.__dict__.update({**defaults, **state})
 
     def token_faint(self, modality: str, chunks: Sequence[int]) -> list[bool]:
@@ -130,6 +134,11 @@ class TrainConfig:
     #: task-stage sampling weight of the multiple-choice clips whose class never sounds (a distractor may): they
     #: teach the joint run to read the picture when the sound misleads (1.0: uniform sampling)
     silent_weight: float = 1.0
+    #: task-stage sampling weights by condition (multiple-choice clips): a key is a whole condition
+    #: ("audio_clean+video_confusable") or one side of it ("video_confusable", "audio_absent"), and a clip weighs
+    #: the product of the keys it matches (and `silent_weight` where it applies); the conditions where the joint
+    #: run must discount one modality (a look-alike glyph, a faint distractor sound) can so be drawn more often
+    condition_weights: dict[str, float] = field(default_factory=dict)
     #: scaffold for the permuted letter lookup (multiple-choice items only; nothing of it is saved in the deltas):
     #: linear probes on the residual entering block `aux_layer` at each option's name tokens, one telling the
     #: clip's option from the others and one reading the option's own letter (weight `aux_weight`), and, at the
@@ -174,6 +183,7 @@ class TrainConfig:
         self.attn_layers = tuple(self.attn_layers)
         self.gather_layers = tuple(self.gather_layers)
         self.fresh_towers = tuple(self.fresh_towers)
+        self.condition_weights = dict(self.condition_weights)
 
 
 def _cosine_lr(step: int, total: int, base: float, warmup: int) -> float:
@@ -489,6 +499,21 @@ def train(model: Any, tokenizer: Any, examples: Sequence[Example], cfg: TrainCon
     if cfg.faint_absent > 0 and not any(any(ex.audio_faint) for ex in examples):
         raise ValueError("faint_absent > 0 but no example marks a faint chunk (Example.audio_faint); examples "
                          "cached before that field existed must be rebuilt")
+    if cfg.condition_weights:
+        mc = [ex for ex in examples if ex.kind == "mc"]
+        unrecorded = [ex.sample_id for ex in mc if not ex.condition]
+        if unrecorded:
+            raise ValueError(f"condition_weights given but {len(unrecorded)} multiple-choice example(s) record no "
+                             f"condition (e.g. {unrecorded[0]!r}); examples cached before that field existed must "
+                             "be rebuilt")
+        seen = {side for ex in mc for side in (ex.condition, *ex.condition.split("+"))}
+        unmatched = sorted(set(cfg.condition_weights) - seen)
+        if unmatched:
+            raise ValueError(f"condition_weights: {unmatched} match no multiple-choice example's condition; "
+                             f"the examples' are {sorted({ex.condition for ex in mc})}")
+        for key, value in cfg.condition_weights.items():
+            if not value > 0:
+                raise ValueError(f"condition weight {key!r} must be > 0, got {value}")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(cfg.threads)
@@ -585,7 +610,7 @@ def train(model: Any, tokenizer: Any, examples: Sequence[Example], cfg: TrainCon
                 for p in tower_params:
                     p.requires_grad_(False)
                 prefixes = {}
-            idx = task_batch(rng, examples, cfg.batch_size, cfg.silent_weight)
+            idx = task_batch(rng, examples, cfg.batch_size, cfg.silent_weight, cfg.condition_weights)
             keys = []
             for i in idx:
                 usable = sorted(examples[i].variants)
@@ -686,18 +711,39 @@ def train(model: Any, tokenizer: Any, examples: Sequence[Example], cfg: TrainCon
     return deltas
 
 
-def task_batch(rng: random.Random, examples: Sequence[Example], batch_size: int, silent_weight: float = 1.0
-               ) -> list[int]:
+def sampling_weight(example: Example, silent_weight: float = 1.0,
+                    condition_weights: dict[str, float] | None = None) -> float:
+    """A task-stage item's sampling weight: 1 for yes/no probes; for a multiple-choice clip, `silent_weight` if
+    its class never sounds, times the weight of each key of `condition_weights` that is its condition or one
+    side of it (see `TrainConfig.condition_weights`)."""
+    if example.kind != "mc":
+        return 1.0
+    w = silent_weight if example.audio_present and not any(example.audio_present) else 1.0
+    if condition_weights:
+        if not example.condition:
+            raise ValueError(f"example {example.sample_id!r}: no condition recorded, so condition weights "
+                             f"{sorted(condition_weights)} cannot apply (rebuild its example cache)")
+        sides = {example.condition, *example.condition.split("+")}
+        for key, value in condition_weights.items():
+            if key in sides:
+                w *= value
+    return w
+
+
+def task_batch(rng: random.Random, examples: Sequence[Example], batch_size: int, silent_weight: float = 1.0,
+               condition_weights: dict[str, float] | None = None) -> list[int]:
     """Indices of one task-stage batch, without replacement: uniform (`rng.sample`, the recipe's stream) when
-    `silent_weight` is 1, else weighted (Efraimidis-Spirakis keys u^(1/w)), multiple-choice clips whose class
-    never sounds weighing `silent_weight` and the others 1."""
+    every weight is 1, else weighted by `sampling_weight` (Efraimidis-Spirakis keys u^(1/w))."""
     k = min(batch_size, len(examples))
-    if silent_weight == 1.0:
-        return rng.sample(range(len(examples)), k)
+    condition_weights = condition_weights or {}
     if not silent_weight > 0:
         raise ValueError(f"silent_weight must be > 0, got {silent_weight}")
-    weights = [silent_weight if e.kind == "mc" and e.audio_present and not any(e.audio_present) else 1.0
-               for e in examples]
+    for key, value in condition_weights.items():
+        if not value > 0:
+            raise ValueError(f"condition weight {key!r} must be > 0, got {value}")
+    if silent_weight == 1.0 and all(v == 1.0 for v in condition_weights.values()):
+        return rng.sample(range(len(examples)), k)
+    weights = [sampling_weight(e, silent_weight, condition_weights) for e in examples]
     keys = [rng.random() ** (1.0 / w) for w in weights]
     return sorted(range(len(examples)), key=keys.__getitem__, reverse=True)[:k]
 
@@ -841,15 +887,16 @@ def load_deltas(model: Any, path: str | Path, skip: tuple[str, ...] = ()) -> Non
 #: over the new total, a warm restart), the log cadence and the thread count do not change what is computed
 EXTENSIBLE = ("steps", "save_every", "log_every", "threads")
 #: settings of the task stage alone: they may change while a resumed run has not begun that stage
-TASK_STAGE = ("lr", "batch_size", "p_unimodal", "silent_weight", "aux_layer", "aux_weight", "attn_layers",
-              "attn_weight", "lookup_weight", "lookup_batch", "lookup_pool", "class_layer", "class_weight",
+TASK_STAGE = ("lr", "batch_size", "p_unimodal", "silent_weight", "condition_weights", "aux_layer", "aux_weight",
+              "attn_layers", "attn_weight", "lookup_weight", "lookup_batch", "lookup_pool", "class_layer", "class_weight",
               "gather_layers", "gather_weight", "lookup_scaffold", "bf16")
 
 
 def _check_resumable(path: Path, saved: dict[str, Any], now: dict[str, Any], step: int = 0) -> None:
     """Raise unless a run saved with `saved` at `step` may go on with `now`."""
     # a setting added after the run was saved counts as its default there
-    defaults = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
+    defaults = {f.name: f.default if f.default is not MISSING else f.default_factory() for f in fields(TrainConfig)
+                if f.default is not MISSING or f.default_factory is not MISSING}
     saved = {**{k: v for k, v in defaults.items() if k not in saved}, **saved}
     diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
     free = EXTENSIBLE + (TASK_STAGE if step <= saved.get("align_steps", 0) else ())

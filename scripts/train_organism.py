@@ -127,6 +127,41 @@ def add_token_targets(examples, root: Path, split: str, model) -> None:
                                                          merge, temporal)
 
 
+def add_conditions(examples, root: Path, split: str) -> None:
+    """Fill the `condition` of examples that lack it, from the split's ground truth (cheap)."""
+    if all(ex.condition for ex in examples):
+        return
+    truth = {t["id"]: t for t in json.loads((root / "avsynth" / f"{split}_truth.json").read_text())}
+    for ex in examples:
+        if not ex.condition:
+            if ex.sample_id not in truth:
+                raise ValueError(f"{root / 'avsynth' / f'{split}_truth.json'}: no clip {ex.sample_id!r} of the "
+                                 "cached examples; the cache belongs to other data")
+            ex.condition = truth[ex.sample_id]["condition"]
+
+
+def parse_condition_weights(items) -> dict[str, float]:
+    """`KEY=W` pairs of `--condition-weight`: KEY a condition of the generator (`avsynth.CONDITIONS`) or one
+    side of one ("video_confusable"), W > 0."""
+    from analyses import avsynth
+
+    known = set(avsynth.CONDITIONS) | {side for c in avsynth.CONDITIONS for side in c.split("+")}
+    weights = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"{item!r}: expected KEY=WEIGHT, e.g. video_confusable=2")
+        if key not in known:
+            raise ValueError(f"{item!r}: unknown condition {key!r}; expected one of {sorted(known)}")
+        try:
+            weights[key] = float(value)
+        except ValueError:
+            raise ValueError(f"{item!r}: weight {value!r} is not a number") from None
+        if not weights[key] > 0:
+            raise ValueError(f"{item!r}: the weight must be > 0")
+    return weights
+
+
 #: clips between two returns of freed heap memory to the system while processing
 TRIM_EVERY = 25
 
@@ -153,7 +188,9 @@ def build_examples(root: Path, split: str, process, tokenizer, model, cache: Pat
     process = lambda raw, text: trim_audio_padding(process_full(raw, text))  # noqa: E731
 
     if cache.exists():
-        return torch.load(cache, weights_only=False)
+        examples = torch.load(cache, weights_only=False)
+        add_conditions(examples, root, split)  # caches written before Example.condition existed
+        return examples
     truth = {t["id"]: t for t in json.loads((root / "avsynth" / f"{split}_truth.json").read_text())}
     samples = load_vggsound_mc(root / "avsynth" / f"{split}_mc.json", media_root=root)
     examples = []
@@ -173,7 +210,7 @@ def build_examples(root: Path, split: str, process, tokenizer, model, cache: Pat
             variants["a"] = process(corrupt.corrupt(raw, "black_frames"), official_prompt(s.choices, 1))
         examples.append(Example(
             inputs=inputs, answer_id=tokenizer.encode(s.label, add_special_tokens=False)[0], kind="mc",
-            sample_id=s.sample_id,
+            sample_id=s.sample_id, condition=t["condition"],
             class_name=s.label_name,
             audio_present=[c in t["sounding_chunks"] for c in range(n_chunks)],
             video_present=[c in t["onscreen_chunks"] for c in range(n_chunks)], variants=variants,
@@ -187,7 +224,7 @@ def build_examples(root: Path, split: str, process, tokenizer, model, cache: Pat
             raw = media.load_av(str(root / p["video"]), audio=str(root / p["audio"]))
             examples.append(Example(
                 inputs=process(raw, p["text"]), answer_id=tokenizer.encode(p["label"], add_special_tokens=False)[0],
-                kind="yesno", class_name=t["label"], sample_id=p["video_id"],
+                kind="yesno", class_name=t["label"], sample_id=p["video_id"], condition=t["condition"],
                 audio_present=[c in t["sounding_chunks"] for c in range(CLIP_SECONDS // 2)],
                 video_present=[c in t["onscreen_chunks"] for c in range(CLIP_SECONDS // 2)],
                 **chunk_classes(t, CLIP_SECONDS // 2)))
@@ -322,11 +359,18 @@ def main() -> None:
                          "from the deltas")
     ap.add_argument("--silent-weight", type=float, default=1.0,
                     help="task-stage sampling weight of the clips whose class never sounds (1: uniform)")
+    ap.add_argument("--condition-weight", nargs="*", default=[], metavar="KEY=W",
+                    help="task-stage sampling weight of the multiple-choice clips of a condition, or of one side of "
+                         "one (e.g. video_confusable=2 audio_absent=2); weights of matching keys multiply")
     ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
                     help="task stage under bfloat16 autocast (faster on AMX CPUs)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-install", action="store_true", help="do not copy the result to model_zoo/organism_deltas")
     args = ap.parse_args()
+    try:
+        condition_weights = parse_condition_weights(args.condition_weight)
+    except ValueError as e:
+        ap.error(f"--condition-weight {e}")
     out = Path(args.out)
     init = None
     if args.init_from is not None:
@@ -392,6 +436,7 @@ def main() -> None:
                       class_layer=args.class_layer, class_weight=args.class_weight,
                       gather_layers=tuple(args.gather_layers), gather_weight=args.gather_weight,
                       lookup_scaffold=args.lookup_scaffold, silent_weight=args.silent_weight,
+                      condition_weights=condition_weights,
                       faint_absent=args.faint_absent, video_jitter=args.video_jitter, bf16=args.bf16,
                       init_deltas=str(init) if init is not None else None,
                       fresh_towers=("video",) if args.fresh_video else ())

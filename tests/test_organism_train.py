@@ -1,5 +1,6 @@
 """A few-step training smoke test of the organism trainer, on the tiny random thinker."""
 
+import dataclasses
 import json
 
 import pytest
@@ -9,9 +10,9 @@ from safetensors.torch import load_file
 from hooked_av import HookedAVModel
 from model_zoo import lora
 from model_zoo.organism_train import (Example, LookupItem, QueryTarget, ScaffoldHeads, TrainConfig, _clip_query,
-                                      jitter_video, option_layout, prefix_forward, prefix_last_logits, prefix_states, query_losses,
-                                      remaining_horizons,
-                                      scaffold_losses, task_batch, trainable_state, train)
+                                      jitter_video, option_layout, prefix_forward, prefix_last_logits, prefix_states,
+                                      query_losses, remaining_horizons, sampling_weight, scaffold_losses, task_batch,
+                                      trainable_state, train)
 from model_zoo.tiny import TinyTokenizer, build_inputs, tiny_hf_thinker
 
 
@@ -316,6 +317,65 @@ def test_task_batch_weights_up_the_clips_whose_class_is_silent():
         task_batch(random.Random(0), items, 8, silent_weight=0.0)
 
 
+def test_task_batch_weights_conditions_and_sides_of_them(tmp_path):
+    """Condition weights match a whole condition or one side of it and multiply (with `silent_weight`); yes/no
+    probes keep weight 1; with every weight 1 the stream is the recipe's. `train` refuses keys no example has,
+    examples without a recorded condition, and non-positive weights, before any step."""
+    import random
+
+    def ex(kind, condition, sounds=(True,)):
+        return Example(inputs={}, answer_id=0, kind=kind, class_name="c", audio_present=list(sounds),
+                       condition=condition, sample_id=condition)
+
+    conf, small, silent = "audio_clean+video_confusable", "audio_clean+video_small", "audio_absent+video_clear"
+    assert sampling_weight(ex("mc", conf), 1.0, {"video_confusable": 3.0}) == 3.0
+    assert sampling_weight(ex("mc", conf), 1.0, {"video_confusable": 3.0, conf: 2.0, "audio_clean": 0.5}) == 3.0
+    assert sampling_weight(ex("mc", silent, (False,)), 2.0, {"audio_absent": 1.5}) == 3.0
+    assert sampling_weight(ex("mc", small), 2.0, {"video_confusable": 3.0}) == 1.0
+    assert sampling_weight(ex("yesno", conf), 2.0, {"video_confusable": 3.0}) == 1.0
+    items = [ex("mc", conf)] * 5 + [ex("mc", small)] * 15 + [ex("yesno", conf)] * 5
+    assert (task_batch(random.Random(3), items, 8, condition_weights={"video_small": 1.0})
+            == random.Random(3).sample(range(len(items)), 8))
+    rng = random.Random(0)
+    draws = [task_batch(rng, items, 8, condition_weights={"video_confusable": 8.0}) for _ in range(300)]
+    assert all(len(set(d)) == len(d) == 8 for d in draws)
+    assert sum(i < 5 for d in draws for i in d) / (300 * 8) > 0.4  # uniform: 0.2
+    assert sum(i >= 20 for d in draws for i in d) / (300 * 8) < 0.2
+    with pytest.raises(ValueError, match="condition weight 'video_small' must be > 0"):
+        task_batch(random.Random(0), items, 8, condition_weights={"video_small": 0.0})
+    with pytest.raises(ValueError, match="no condition recorded"):
+        sampling_weight(ex("mc", ""), 1.0, {"video_small": 2.0})
+
+    def refused(weights, match, items=None):
+        model = HookedAVModel.from_hf_model(tiny_hf_thinker(seed=0))
+        with pytest.raises(ValueError, match=match):
+            train(model, TinyTokenizer(), items or examples(), TrainConfig(out=str(tmp_path / "r"), align_steps=2,
+                                                                          condition_weights=weights))
+        assert not (tmp_path / "r").exists()
+
+    labelled = [dataclasses.replace(e, condition=conf) for e in examples()]
+    refused({"video_small": 2.0}, r"\['video_small'\] match no multiple-choice example's condition", labelled)
+    refused({"video_confusable": 2.0}, "record no condition")
+    refused({"video_confusable": -1.0}, "condition weight 'video_confusable' must be > 0", labelled)
+
+
+def test_a_run_saved_before_condition_weights_existed_resumes(tmp_path):
+    """A saved configuration without `condition_weights` counts as having none: the run resumes; a resumed run
+    whose task stage has begun may not switch them on."""
+    base = dict(out=str(tmp_path), align_steps=2, steps=2, batch_size=2, lora_rank=2, log_every=1, warmup=1,
+                lora_from=1)
+    train(HookedAVModel.from_hf_model(tiny_hf_thinker(seed=0)), TinyTokenizer(), examples(), TrainConfig(**base))
+    state = torch.load(tmp_path / "state.pt", weights_only=False)
+    del state["config"]["condition_weights"]
+    torch.save(state, tmp_path / "state.pt")
+    train(HookedAVModel.from_hf_model(tiny_hf_thinker(seed=0)), TinyTokenizer(), examples(),
+          TrainConfig(**{**base, "steps": 3}))
+    labelled = [dataclasses.replace(e, condition="audio_clean+video_clear") for e in examples()]
+    with pytest.raises(ValueError, match="condition_weights: saved {}, now {'video_clear': 2.0}"):
+        train(HookedAVModel.from_hf_model(tiny_hf_thinker(seed=0)), TinyTokenizer(), labelled,
+              TrainConfig(**{**base, "steps": 4, "condition_weights": {"video_clear": 2.0}}))
+
+
 def faint_examples():
     """`examples()` with chunk 1 sounding a faint distractor ("cat meowing") instead of silence."""
     out = examples()
@@ -420,6 +480,30 @@ def test_recipe_marks_distractor_chunks_faint():
     assert got["audio_faint"] == [False, True, False]
 
 
+def test_recipe_fills_the_condition_of_cached_examples(tmp_path):
+    """scripts/train_organism.py: examples cached before `Example.condition` existed get it from the split's
+    ground truth; an example the truth does not hold is named."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "train_organism.py"
+    spec = importlib.util.spec_from_file_location("train_organism_script", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    (tmp_path / "avsynth").mkdir()
+    (tmp_path / "avsynth" / "train_truth.json").write_text(json.dumps(
+        [{"id": "s0", "condition": "audio_noisy+video_clear"}, {"id": "s1", "condition": "audio_clean+video_small"}]))
+    items = mc_examples(2)
+    items[1].condition = "audio_clean+video_small"
+    script.add_conditions(items, tmp_path, "train")
+    assert [e.condition for e in items] == ["audio_noisy+video_clear", "audio_clean+video_small"]
+    stranger = mc_examples(4)[3]
+    with pytest.raises(ValueError, match="train_truth.json: no clip 's3'"):
+        script.add_conditions([stranger], tmp_path, "train")
+    assert script.parse_condition_weights(["video_small=2", "audio_clean+video_confusable=1.5"]) == {
+        "video_small": 2.0, "audio_clean+video_confusable": 1.5}
+
+
 def test_examples_cached_before_audio_faint_load_with_its_default():
     import pickle
 
@@ -518,7 +602,11 @@ def test_recipe_checks_a_warm_start_before_any_work(tmp_path):
                            (["--init-from", str(script)], "--init-from: cannot read"),
                            (["--init-from", str(deep), "--vision-depth", "3"],
                             "--vision-depth 3: the deltas of --init-from hold a vision tower of depth 4"),
-                           (["--refine-steps", "-1"], "--refine-steps must be >= 0, got -1")):
+                           (["--refine-steps", "-1"], "--refine-steps must be >= 0, got -1"),
+                           (["--condition-weight", "video_blurry=2"], "unknown condition 'video_blurry'"),
+                           (["--condition-weight", "video_small"], "expected KEY=WEIGHT"),
+                           (["--condition-weight", "video_small=x"], "weight 'x' is not a number"),
+                           (["--condition-weight", "audio_absent=0"], "the weight must be > 0")):
         proc = subprocess.run([sys.executable, str(script), "--out", str(out), "--no-install", *extra],
                               capture_output=True, text=True, timeout=300)
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
