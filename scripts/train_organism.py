@@ -27,6 +27,10 @@ resuming a finished run with a larger `--steps` does. About 80 minutes on 2 core
 step; the frozen prefixes of blocks 0-15 are computed once per clip variant, on first use), refinement about 30.
 Without AMX (bf16 autocast gains little) a task step takes 5-7 s: task stage about 65 minutes, refinement 50.
 
+`--condition-weight KEY=W ...` draws the task stage's multiple-choice clips of a generator condition, or of one side
+of one (`video_confusable`, `audio_absent`), W times as often (matching keys multiply with `--silent-weight`); the
+README reports a refinement of the committed deltas with `video_confusable=2 video_small=2`.
+
 `--video-jitter` and `--vision-depth` change the vision tower's training (colour jitter of its input) and size;
 their defaults are the committed recipe's (no jitter, `model_zoo.organism.VISION_DEFAULTS`). The deltas record
 the tower's size in their metadata, so `build_organism.py` assembles the tower they were trained on. A tower of 4
