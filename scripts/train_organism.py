@@ -121,9 +121,14 @@ def _merge_and_temporal(model) -> tuple[int, int]:
     return model.cfg.spatial_merge_size, int(model.vision_encoder.config.temporal_patch_size)
 
 
+def load_truth(root: Path, split: str) -> dict[str, dict]:
+    """The split's ground truth (`<root>/avsynth/<split>_truth.json`) by clip id."""
+    return {t["id"]: t for t in json.loads((root / "avsynth" / f"{split}_truth.json").read_text())}
+
+
 def add_token_targets(examples, root: Path, split: str, model) -> None:
     """Fill `video_token_classes` of examples (from the ground truth's glyph boxes; cheap)."""
-    truth = {t["id"]: t for t in json.loads((root / "avsynth" / f"{split}_truth.json").read_text())}
+    truth = load_truth(root, split)
     merge, temporal = _merge_and_temporal(model)
     for ex in examples:
         if not ex.video_token_classes and "video_grid_thw" in ex.inputs:
@@ -135,7 +140,7 @@ def add_conditions(examples, root: Path, split: str) -> None:
     """Fill the `condition` of examples that lack it, from the split's ground truth (cheap)."""
     if all(ex.condition for ex in examples):
         return
-    truth = {t["id"]: t for t in json.loads((root / "avsynth" / f"{split}_truth.json").read_text())}
+    truth = load_truth(root, split)
     for ex in examples:
         if not ex.condition:
             if ex.sample_id not in truth:
@@ -195,7 +200,7 @@ def build_examples(root: Path, split: str, process, tokenizer, model, cache: Pat
         examples = torch.load(cache, weights_only=False)
         add_conditions(examples, root, split)  # caches written before Example.condition existed
         return examples
-    truth = {t["id"]: t for t in json.loads((root / "avsynth" / f"{split}_truth.json").read_text())}
+    truth = load_truth(root, split)
     samples = load_vggsound_mc(root / "avsynth" / f"{split}_mc.json", media_root=root)
     examples = []
     from tqdm.auto import tqdm
