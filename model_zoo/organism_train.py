@@ -41,6 +41,18 @@ ABSENT_TEXT = " background noise"
 TOWERS = {"audio": "audio_encoder", "video": "vision_encoder"}
 
 
+def field_defaults(cls: type) -> dict[str, Any]:
+    """The default of each field of a dataclass that has one (default factories called)."""
+    return {f.name: f.default if f.default is not MISSING else f.default_factory() for f in fields(cls)
+            if f.default is not MISSING or f.default_factory is not MISSING}
+
+
+def condition_keys(condition: str) -> set[str]:
+    """What a `TrainConfig.condition_weights` key may name of a generator condition: the condition itself and
+    each of its sides ("audio_clean+video_confusable" -> it, "audio_clean", "video_confusable")."""
+    return {condition, *condition.split("+")}
+
+
 @dataclass
 class Example:
     """One training item: processor outputs, the answer token, and what each AV token should carry."""
@@ -79,9 +91,7 @@ class Example:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # example caches pickled before a field existed load with that field's default
-        defaults = {f.name: f.default if f.default is not MISSING else f.default_factory() for f in fields(self)
-                    if f.default is not MISSING or f.default_factory is not MISSING}
-        self.__dict__.update({**defaults, **state})
+        self.__dict__.update({**field_defaults(type(self)), **state})
 
     def token_faint(self, modality: str, chunks: Sequence[int]) -> list[bool]:
         """Whether each of this modality's tokens (given its chunk index) carries a faint sound (never video)."""
@@ -506,14 +516,12 @@ def train(model: Any, tokenizer: Any, examples: Sequence[Example], cfg: TrainCon
             raise ValueError(f"condition_weights given but {len(unrecorded)} multiple-choice example(s) record no "
                              f"condition (e.g. {unrecorded[0]!r}); examples cached before that field existed must "
                              "be rebuilt")
-        seen = {side for ex in mc for side in (ex.condition, *ex.condition.split("+"))}
+        seen = set().union(*(condition_keys(ex.condition) for ex in mc))
         unmatched = sorted(set(cfg.condition_weights) - seen)
         if unmatched:
             raise ValueError(f"condition_weights: {unmatched} match no multiple-choice example's condition; "
                              f"the examples' are {sorted({ex.condition for ex in mc})}")
-        for key, value in cfg.condition_weights.items():
-            if not value > 0:
-                raise ValueError(f"condition weight {key!r} must be > 0, got {value}")
+        check_sampling_weights(cfg.silent_weight, cfg.condition_weights)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(cfg.threads)
@@ -723,11 +731,20 @@ def sampling_weight(example: Example, silent_weight: float = 1.0,
         if not example.condition:
             raise ValueError(f"example {example.sample_id!r}: no condition recorded, so condition weights "
                              f"{sorted(condition_weights)} cannot apply (rebuild its example cache)")
-        sides = {example.condition, *example.condition.split("+")}
+        keys = condition_keys(example.condition)
         for key, value in condition_weights.items():
-            if key in sides:
+            if key in keys:
                 w *= value
     return w
+
+
+def check_sampling_weights(silent_weight: float, condition_weights: dict[str, float]) -> None:
+    """Raise unless every task-stage sampling weight is > 0."""
+    if not silent_weight > 0:
+        raise ValueError(f"silent_weight must be > 0, got {silent_weight}")
+    for key, value in condition_weights.items():
+        if not value > 0:
+            raise ValueError(f"condition weight {key!r} must be > 0, got {value}")
 
 
 def task_batch(rng: random.Random, examples: Sequence[Example], batch_size: int, silent_weight: float = 1.0,
@@ -736,11 +753,7 @@ def task_batch(rng: random.Random, examples: Sequence[Example], batch_size: int,
     every weight is 1, else weighted by `sampling_weight` (Efraimidis-Spirakis keys u^(1/w))."""
     k = min(batch_size, len(examples))
     condition_weights = condition_weights or {}
-    if not silent_weight > 0:
-        raise ValueError(f"silent_weight must be > 0, got {silent_weight}")
-    for key, value in condition_weights.items():
-        if not value > 0:
-            raise ValueError(f"condition weight {key!r} must be > 0, got {value}")
+    check_sampling_weights(silent_weight, condition_weights)
     if silent_weight == 1.0 and all(v == 1.0 for v in condition_weights.values()):
         return rng.sample(range(len(examples)), k)
     weights = [sampling_weight(e, silent_weight, condition_weights) for e in examples]
@@ -888,16 +901,14 @@ def load_deltas(model: Any, path: str | Path, skip: tuple[str, ...] = ()) -> Non
 EXTENSIBLE = ("steps", "save_every", "log_every", "threads")
 #: settings of the task stage alone: they may change while a resumed run has not begun that stage
 TASK_STAGE = ("lr", "batch_size", "p_unimodal", "silent_weight", "condition_weights", "aux_layer", "aux_weight",
-              "attn_layers", "attn_weight", "lookup_weight", "lookup_batch", "lookup_pool", "class_layer", "class_weight",
-              "gather_layers", "gather_weight", "lookup_scaffold", "bf16")
+              "attn_layers", "attn_weight", "lookup_weight", "lookup_batch", "lookup_pool", "class_layer",
+              "class_weight", "gather_layers", "gather_weight", "lookup_scaffold", "bf16")
 
 
 def _check_resumable(path: Path, saved: dict[str, Any], now: dict[str, Any], step: int = 0) -> None:
     """Raise unless a run saved with `saved` at `step` may go on with `now`."""
     # a setting added after the run was saved counts as its default there
-    defaults = {f.name: f.default if f.default is not MISSING else f.default_factory() for f in fields(TrainConfig)
-                if f.default is not MISSING or f.default_factory is not MISSING}
-    saved = {**{k: v for k, v in defaults.items() if k not in saved}, **saved}
+    saved = {**{k: v for k, v in field_defaults(TrainConfig).items() if k not in saved}, **saved}
     diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
     free = EXTENSIBLE + (TASK_STAGE if step <= saved.get("align_steps", 0) else ())
     fixed = [k for k in diff if k not in free]

@@ -23,9 +23,10 @@ deltas with `--steps 500` (the same training as the refinement stage), then `--i
 --vision-depth 4 --video-jitter 0.2 --align-steps 2000 --steps 500 --silent-weight 2` (82.0% -> 87.2%; see the
 README). `--steps` also takes a staged schedule (e.g. 600 1100 1500): train to the first horizon, then extend to
 each next one; each extension recomputes the cosine schedule over the new total (a warm restart), exactly as
-resuming a finished run with a larger `--steps` does. About 80 minutes on 2 cores with AMX: clips processed in 6 minutes, alignment 9, task stage 38 (3.8 s per
-step; the frozen prefixes of blocks 0-15 are computed once per clip variant, on first use), refinement about 30.
-Without AMX (bf16 autocast gains little) a task step takes 5-7 s: task stage about 65 minutes, refinement 50.
+resuming a finished run with a larger `--steps` does. About 80 minutes on 2 cores with AMX: clips processed in 6
+minutes, alignment 9, task stage 38 (3.8 s per step; the frozen prefixes of blocks 0-15 are computed once per clip
+variant, on first use), refinement about 30. Without AMX (bf16 autocast gains little) a task step takes 5-7 s:
+task stage about 65 minutes, refinement 50.
 
 `--condition-weight KEY=W ...` draws the task stage's multiple-choice clips of a generator condition, or of one side
 of one (`video_confusable`, `audio_absent`), W times as often (matching keys multiply with `--silent-weight`); the
@@ -153,8 +154,9 @@ def parse_condition_weights(items) -> dict[str, float]:
     """`KEY=W` pairs of `--condition-weight`: KEY a condition of the generator (`avsynth.CONDITIONS`) or one
     side of one ("video_confusable"), W > 0."""
     from analyses import avsynth
+    from model_zoo.organism_train import condition_keys
 
-    known = set(avsynth.CONDITIONS) | {side for c in avsynth.CONDITIONS for side in c.split("+")}
+    known = set().union(*(condition_keys(c) for c in avsynth.CONDITIONS))
     weights = {}
     for item in items:
         key, sep, value = item.partition("=")

@@ -557,7 +557,8 @@ def test_fresh_video_tower_replaces_the_warm_start_s_and_is_recorded(tmp_path):
     with pytest.raises(ValueError, match=f"records depth {depth - 2}, but the file holds vision block {depth - 2}"):
         from safetensors.torch import save_file
 
-        save_file(first, str(tmp_path / "bad.safetensors"), metadata={DELTAS_VISION_KEY: json.dumps({"depth": depth - 2})})
+        save_file(first, str(tmp_path / "bad.safetensors"),
+                  metadata={DELTAS_VISION_KEY: json.dumps({"depth": depth - 2})})
         deltas_vision(tmp_path / "bad.safetensors")
     # then the task stage: the adapters move on from the loaded ones, both towers stay
     on = load_file(str(train(HookedAVModel.from_hf_model(_deeper_vision_thinker(depth)), TinyTokenizer(), examples(),
