@@ -30,7 +30,10 @@ task stage about 65 minutes, refinement 50.
 
 `--condition-weight KEY=W ...` draws the task stage's multiple-choice clips of a generator condition, or of one side
 of one (`video_confusable`, `audio_absent`), W times as often (matching keys multiply with `--silent-weight`); the
-README reports a refinement of the committed deltas with `video_confusable=2 video_small=2`.
+README reports a refinement of the committed deltas with `video_confusable=2 video_small=2`. `--data-seed N`
+generates the run's train / val clips from another seed than `--seed` (a fresh pool of clips for a warm-started
+run; the held-out split of `evaluate_organism.py` is seed 1); a run folder that already holds clips of another seed
+is named, not mixed.
 
 `--video-jitter` and `--vision-depth` change the vision tower's training (colour jitter of its input) and size;
 their defaults are the committed recipe's (no jitter, `model_zoo.organism.VISION_DEFAULTS`). The deltas record
@@ -290,6 +293,15 @@ def lookup_sequence(tokenizer, rng: random.Random, turns: int, distinct: bool = 
     return ids, targets
 
 
+def recorded_seed(root: Path) -> int | None:
+    """The generator seed of the clips already in `root` (from the first val record), or None when there are none."""
+    path = root / "avsynth" / "val_truth.json"
+    if not path.exists():
+        return None
+    truth = json.loads(path.read_text())
+    return int(truth[0]["seed"]) if truth else None
+
+
 def lookup_pool(tokenizer, n: int, turns: int, seed: int) -> list:
     """`n` text lookups (`lookup_sequence`, distinct classes) for the task stage's mixture, seeded; each answer
     letter is supervised."""
@@ -376,6 +388,10 @@ def main() -> None:
     ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
                     help="task stage under bfloat16 autocast (faster on AMX CPUs)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--data-seed", type=int, default=None,
+                    help="seed of the generated train / val clips (default: --seed); another value gives a fresh "
+                         "clip pool for a warm-started run, disjoint from the held-out split of evaluate_organism.py "
+                         "when it differs from that script's --seed (1)")
     ap.add_argument("--no-install", action="store_true", help="do not copy the result to model_zoo/organism_deltas")
     args = ap.parse_args()
     try:
@@ -383,6 +399,12 @@ def main() -> None:
     except ValueError as e:
         ap.error(f"--condition-weight {e}")
     out = Path(args.out)
+    data = out / "data"
+    data_seed = args.seed if args.data_seed is None else args.data_seed
+    found = recorded_seed(data)
+    if found is not None and found != data_seed:
+        ap.error(f"--data-seed {data_seed}: {data}/avsynth holds clips of seed {found} (another --out, or the same "
+                 f"seed, resumes)")
     init = None
     if args.init_from is not None:
         init = out / "init_deltas.safetensors"
@@ -428,9 +450,8 @@ def main() -> None:
     if init is not None and not init.exists():  # the run's own copy: a resume must not see a reinstalled file
         shutil.copy(args.init_from, init.with_suffix(".tmp"))
         init.with_suffix(".tmp").replace(init)
-    data = out / "data"
     if not (data / "avsynth" / "val_truth.json").exists():
-        avsynth.generate(data, n_train=args.n_train, n_val=args.n_val, n_test=0, seed=args.seed,
+        avsynth.generate(data, n_train=args.n_train, n_val=args.n_val, n_test=0, seed=data_seed,
                          duration=CLIP_SECONDS)
     base = out / "base"
     if not (base / "config.json").exists():
