@@ -32,8 +32,8 @@ task stage about 65 minutes, refinement 50.
 of one (`video_confusable`, `audio_absent`), W times as often (matching keys multiply with `--silent-weight`); the
 README reports a refinement of the committed deltas with `video_confusable=2 video_small=2`. `--data-seed N`
 generates the run's train / val clips from another seed than `--seed` (a fresh pool of clips for a warm-started
-run; the held-out split of `evaluate_organism.py` is seed 1); a run folder that already holds clips of another seed
-is named, not mixed.
+run; every split draws its own clips, so the held-out test split stays apart); a run folder that already holds
+clips of another seed is named, not mixed.
 
 `--video-jitter` and `--vision-depth` change the vision tower's training (colour jitter of its input) and size;
 their defaults are the committed recipe's (no jitter, `model_zoo.organism.VISION_DEFAULTS`). The deltas record
@@ -390,8 +390,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data-seed", type=int, default=None,
                     help="seed of the generated train / val clips (default: --seed); another value gives a fresh "
-                         "clip pool for a warm-started run, disjoint from the held-out split of evaluate_organism.py "
-                         "when it differs from that script's --seed (1)")
+                         "clip pool for a warm-started run")
     ap.add_argument("--no-install", action="store_true", help="do not copy the result to model_zoo/organism_deltas")
     args = ap.parse_args()
     try:
