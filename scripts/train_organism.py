@@ -397,6 +397,9 @@ def main() -> None:
         condition_weights = parse_condition_weights(args.condition_weight)
     except ValueError as e:
         ap.error(f"--condition-weight {e}")
+    if not args.no_install and args.seed != organism.BUILD_SEED:  # install_organism would refuse it at the end
+        ap.error(f"--seed {args.seed}: the installed organism is assembled with seed {organism.BUILD_SEED} (its new "
+                 f"token embeddings are not in the deltas); pass --no-install to train on another seed")
     out = Path(args.out)
     data = out / "data"
     data_seed = args.seed if args.data_seed is None else args.data_seed

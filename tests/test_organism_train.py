@@ -617,6 +617,11 @@ def test_recipe_checks_a_warm_start_before_any_work(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "--vision-depth must be >= 1, got 0" in proc.stderr, proc.stderr[-2000:]
     assert not out.exists()
+    proc = subprocess.run([sys.executable, str(script), "--out", str(out), "--seed", "1"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "--seed 1: the installed organism is assembled with seed 0" in proc.stderr, \
+        proc.stderr[-2000:]
+    assert not out.exists()
     # a run folder whose clips come from another generator seed than --data-seed asks for
     truth = out / "data" / "avsynth" / "val_truth.json"
     truth.parent.mkdir(parents=True)
