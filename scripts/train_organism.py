@@ -294,12 +294,10 @@ def lookup_sequence(tokenizer, rng: random.Random, turns: int, distinct: bool = 
 
 
 def recorded_seed(root: Path) -> int | None:
-    """The generator seed of the clips already in `root` (from the first val record), or None when there are none."""
-    path = root / "avsynth" / "val_truth.json"
-    if not path.exists():
-        return None
-    truth = json.loads(path.read_text())
-    return int(truth[0]["seed"]) if truth else None
+    """The generator seed of the clips already in `root` (the generator's own record, `avsynth/meta.json`), or None
+    when none were generated there."""
+    path = root / "avsynth" / "meta.json"
+    return int(json.loads(path.read_text())["seed"]) if path.exists() else None
 
 
 def lookup_pool(tokenizer, n: int, turns: int, seed: int) -> list:

@@ -623,9 +623,9 @@ def test_recipe_checks_a_warm_start_before_any_work(tmp_path):
         proc.stderr[-2000:]
     assert not out.exists()
     # a run folder whose clips come from another generator seed than --data-seed asks for
-    truth = out / "data" / "avsynth" / "val_truth.json"
-    truth.parent.mkdir(parents=True)
-    truth.write_text(json.dumps([{"id": "synval00000_000000", "seed": 0}]))
+    meta = out / "data" / "avsynth" / "meta.json"
+    meta.parent.mkdir(parents=True)
+    meta.write_text(json.dumps({"generator": "analyses.avsynth", "format_version": 1, "seed": 0}))
     proc = subprocess.run([sys.executable, str(script), "--out", str(out), "--no-install", "--data-seed", "2"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "--data-seed 2: " in proc.stderr and "holds clips of seed 0" in proc.stderr, \
