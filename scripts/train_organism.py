@@ -450,7 +450,7 @@ def main() -> None:
     if init is not None and not init.exists():  # the run's own copy: a resume must not see a reinstalled file
         shutil.copy(args.init_from, init.with_suffix(".tmp"))
         init.with_suffix(".tmp").replace(init)
-    if not (data / "avsynth" / "val_truth.json").exists():
+    if found is None:  # none, or a generation cut off before its last record (meta.json): generate them afresh
         avsynth.generate(data, n_train=args.n_train, n_val=args.n_val, n_test=0, seed=data_seed,
                          duration=CLIP_SECONDS)
     base = out / "base"
