@@ -1197,6 +1197,21 @@ class GenerateResult:
     seconds: float
 
 
+def recorded_meta(root: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The generator's record of the clips under `root` (`avsynth/meta.json`: seed, options, counts per split), or
+    None when no generation finished there: `generate` writes it last, so a folder without it holds no complete
+    benchmark."""
+    path = Path(root) / TASK_DIR / "meta.json"
+    if not path.exists():
+        return None
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+        meta["seed"] = int(meta["seed"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: not a generator record (expected JSON with an integer 'seed'): {e}") from None
+    return meta
+
+
 def generate(root: str | os.PathLike[str], n_train: int = 100, n_val: int = 20, n_test: int = 20, seed: int = 0,
              *, size: int | Sequence[int] = 112, duration: int = 10, classes: Sequence[str] | None = None,
              mix: Mapping[str, float] | str | None = None, noisy_snr_db: Sequence[float] = DEFAULT_NOISY_SNR_DB,

@@ -41,7 +41,16 @@ def main() -> None:
     args = ap.parse_args()
     out = Path(args.out)
     data = out / "data"
-    if not (data / "avsynth" / "test_mc.json").exists():
+    try:
+        meta = avsynth.recorded_meta(data)
+    except ValueError as e:
+        ap.error(str(e))
+    if meta is not None:  # the clips already there must be the ones asked for: the result records seed and count
+        held = (meta["seed"], meta.get("splits", {}).get("test", {}).get("n"))
+        if held != (args.seed, args.clips):
+            ap.error(f"{data}/avsynth holds {held[1]} test clips of seed {held[0]}, not {args.clips} of seed "
+                     f"{args.seed} (pass those, or another --out)")
+    else:  # none, or a generation cut off before its last record: generate them afresh
         avsynth.generate(data, n_train=0, n_val=0, n_test=args.clips, seed=args.seed, duration=CLIP_SECONDS)
     rt = load_runtime(args.organism, seed=0)
     samples = load_vggsound_mc(data / "avsynth" / "test_mc.json", media_root=data)[:args.limit]

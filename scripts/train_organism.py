@@ -293,13 +293,6 @@ def lookup_sequence(tokenizer, rng: random.Random, turns: int, distinct: bool = 
     return ids, targets
 
 
-def recorded_seed(root: Path) -> int | None:
-    """The generator seed of the clips already in `root` (the generator's own record, `avsynth/meta.json`), or None
-    when none were generated there."""
-    path = root / "avsynth" / "meta.json"
-    return int(json.loads(path.read_text())["seed"]) if path.exists() else None
-
-
 def lookup_pool(tokenizer, n: int, turns: int, seed: int) -> list:
     """`n` text lookups (`lookup_sequence`, distinct classes) for the task stage's mixture, seeded; each answer
     letter is supervised."""
@@ -401,7 +394,11 @@ def main() -> None:
     out = Path(args.out)
     data = out / "data"
     data_seed = args.seed if args.data_seed is None else args.data_seed
-    found = recorded_seed(data)
+    try:
+        meta = avsynth.recorded_meta(data)
+    except ValueError as e:
+        ap.error(str(e))
+    found = None if meta is None else meta["seed"]
     if found is not None and found != data_seed:
         ap.error(f"--data-seed {data_seed}: {data}/avsynth holds clips of seed {found} (another --out, or the same "
                  f"seed, resumes)")

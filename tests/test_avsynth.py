@@ -304,3 +304,16 @@ def test_cli(tmp_path, capsys):
     assert (tmp_path / "avsynth" / "test_mc.json").is_file() and not (tmp_path / "avsynth" / "val_mc.json").exists()
     assert avsynth.main(["--out", str(tmp_path), "--classes", "dog;cat meowing;owl hooting", "--no-progress"]) == 2
     assert "closest valid names: 'dog barking'" in capsys.readouterr().err
+
+
+def test_recorded_meta_reads_the_generators_last_record(out, tmp_path):
+    """`recorded_meta`: the seed and counts of a finished generation; None where none finished (no meta.json);
+    a file that is no generator record is named."""
+    meta = avsynth.recorded_meta(out.root)
+    assert meta["seed"] == 3 and [meta["splits"][s]["n"] for s in ("train", "val", "test")] == list(SPLIT_N)
+    assert avsynth.recorded_meta(tmp_path) is None
+    bad = tmp_path / avsynth.TASK_DIR / "meta.json"
+    bad.parent.mkdir()
+    bad.write_text(json.dumps({"generator": "analyses.avsynth"}))
+    with pytest.raises(ValueError, match=r"meta\.json: not a generator record \(expected JSON with an integer 'seed'"):
+        avsynth.recorded_meta(tmp_path)
