@@ -34,28 +34,20 @@ def test_clips_of_another_seed_or_count_are_named(tmp_path, extra, message):
     assert not (out / "evaluation.json").exists()
 
 
-def test_a_generation_cut_off_is_generated_afresh(tmp_path, monkeypatch):
+def test_a_generation_cut_off_is_generated_afresh(tmp_path, monkeypatch, stop_at):
     """Clips without the generator's last record (meta.json) are generated again with the asked seed and count,
     not measured as they are."""
+    from conftest import Stopped
+
     spec = importlib.util.spec_from_file_location("evaluate_organism_script", SCRIPT)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-
-    class Reached(Exception):
-        pass
-
-    calls = []
-
-    def generate(root, **kw):
-        calls.append((kw["seed"], kw["n_test"]))
-        raise Reached
-
-    monkeypatch.setattr(avsynth, "generate", generate)
+    stop_at(avsynth, "generate")
     out = tmp_path / "eval"
     (out / "data" / avsynth.TASK_DIR).mkdir(parents=True)
     (out / "data" / avsynth.TASK_DIR / "test_mc.json").write_text("[]")  # cut off before meta.json
     monkeypatch.setattr(sys, "argv", ["evaluate_organism.py", "--out", str(out), "--no-install", "--seed", "5",
                                       "--clips", "30"])
-    with pytest.raises(Reached):
+    with pytest.raises(Stopped):
         script.main()
-    assert calls == [(5, 30)]
+    assert [(name, kw["seed"], kw["n_test"]) for name, kw in stop_at.calls] == [("generate", 5, 30)]

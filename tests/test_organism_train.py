@@ -634,7 +634,7 @@ def test_recipe_checks_a_warm_start_before_any_work(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["data"]
 
 
-def test_recipe_regenerates_clips_whose_generation_was_cut_off(tmp_path, monkeypatch):
+def test_recipe_regenerates_clips_whose_generation_was_cut_off(tmp_path, monkeypatch, stop_at):
     """scripts/train_organism.py: clips are generated unless the generator's last record (`avsynth/meta.json`)
     is there, so a generation cut off after the val truth but before meta.json is generated afresh, and a
     finished one of the asked seed is reused."""
@@ -643,38 +643,25 @@ def test_recipe_regenerates_clips_whose_generation_was_cut_off(tmp_path, monkeyp
     from pathlib import Path
 
     from analyses import avsynth
+    from conftest import Stopped
     from model_zoo import organism
 
     path = Path(__file__).resolve().parents[1] / "scripts" / "train_organism.py"
     spec = importlib.util.spec_from_file_location("train_organism_script", path)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-
-    class Reached(Exception):
-        pass
-
-    calls = []
-
-    def generate(root, **kw):
-        calls.append(("generate", kw["seed"]))
-        raise Reached
-
-    def assemble(root, **kw):
-        calls.append(("assemble", kw["seed"]))
-        raise Reached
-
-    monkeypatch.setattr(avsynth, "generate", generate)
-    monkeypatch.setattr(organism, "assemble", assemble)
+    stop_at(avsynth, "generate")
+    stop_at(organism, "assemble")
     out = tmp_path / "run"
     clips = out / "data" / "avsynth"
     clips.mkdir(parents=True)
     (clips / "val_truth.json").write_text("[]")  # cut off: no meta.json yet
     monkeypatch.setattr(sys, "argv", ["train_organism.py", "--out", str(out), "--no-install", "--data-seed", "3"])
-    with pytest.raises(Reached):
+    with pytest.raises(Stopped):
         script.main()
-    assert calls == [("generate", 3)]
+    assert [(name, kw["seed"]) for name, kw in stop_at.calls] == [("generate", 3)]
     (clips / "meta.json").write_text(json.dumps({"generator": "analyses.avsynth", "format_version": 1, "seed": 3}))
-    calls.clear()
-    with pytest.raises(Reached):
+    stop_at.calls.clear()
+    with pytest.raises(Stopped):
         script.main()
-    assert calls == [("assemble", 0)]
+    assert [(name, kw["seed"]) for name, kw in stop_at.calls] == [("assemble", 0)]
