@@ -17,16 +17,17 @@ first-hop scaffold (class probe at block 21, attention gathered on the class's A
 text lookups (4 per step, sharing the class probe and option-attention terms), then a refinement: 500 more task
 steps in `<out>/refine`, warm-started from those deltas with a fresh cosine schedule, optimiser and scaffold probes
 (`--refine-steps`; val AV 75% -> 89%, audio only 66% -> 85%, video only 47% -> 62%). `--init-from DELTAS` runs
-such a refinement alone on any deltas file. The committed deltas are three of them: `--init-from` the 600-step
-deltas with `--steps 500` (the same training as the refinement stage), then `--init-from` its deltas with
-`--steps 500 --silent-weight 2` (held-out AV 77.8% -> 82.0%), then `--init-from` its deltas with `--fresh-video
---vision-depth 4 --video-jitter 0.2 --align-steps 2000 --steps 500 --silent-weight 2` (82.0% -> 87.2%; see the
-README). `--steps` also takes a staged schedule (e.g. 600 1100 1500): train to the first horizon, then extend to
-each next one; each extension recomputes the cosine schedule over the new total (a warm restart), exactly as
-resuming a finished run with a larger `--steps` does. About 80 minutes on 2 cores with AMX: clips processed in 6
-minutes, alignment 9, task stage 38 (3.8 s per step; the frozen prefixes of blocks 0-15 are computed once per clip
-variant, on first use), refinement about 30. Without AMX (bf16 autocast gains little) a task step takes 5-7 s:
-task stage about 65 minutes, refinement 50.
+such a refinement alone on any deltas file. The committed deltas are seven of them in a chain, each `--init-from`
+the previous run's deltas: `--steps 500` on the 600-step deltas (the same training as the refinement stage), then
+`--steps 500 --silent-weight 2` (held-out AV 77.8% -> 82.0%), then `--fresh-video --vision-depth 4 --video-jitter
+0.2 --align-steps 2000 --steps 500 --silent-weight 2` (82.0% -> 87.2%), then two condition weightings on the same
+clips, then 400 steps on each of two fresh pools of clips (`--data-seed 2`, `--data-seed 3`; 87.2% -> 90.7%); the
+README gives each command and its numbers. `--steps` also takes a staged schedule (e.g. 600 1100 1500): train to
+the first horizon, then extend to each next one; each extension recomputes the cosine schedule over the new total
+(a warm restart), exactly as resuming a finished run with a larger `--steps` does. About 80 minutes on 2 cores
+with AMX: clips processed in 6 minutes, alignment 9, task stage 38 (3.8 s per step; the frozen prefixes of blocks
+0-15 are computed once per clip variant, on first use), refinement about 30. Without AMX (bf16 autocast gains
+little) a task step takes 5-7 s: task stage about 65 minutes, refinement 50.
 
 `--condition-weight KEY=W ...` draws the task stage's multiple-choice clips of a generator condition, or of one side
 of one (`video_confusable`, `audio_absent`), W times as often (matching keys multiply with `--silent-weight`); the
