@@ -52,13 +52,15 @@ import os
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from hooked_av.files import atomic_write
 
 from .datasets import SYSTEM_PROMPT, official_prompt
 
@@ -958,35 +960,16 @@ def render_video(plan: Mapping[str, Any], opts: Options, assets: Path,
 
 
 # ------------------------------------------------------------------------------------------------------ writing
-def _atomic(path: Path, write: Callable[[str], None]) -> None:
-    """Write through `write(tmp_path)` to a temporary file in the same folder, then rename onto `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    while True:
-        tmp = path.parent / f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.part"
-        try:  # created with the usual permissions (0666 & ~umask), unlike mkstemp's 0600
-            os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
-            break
-        except FileExistsError:
-            continue
-    try:
-        write(str(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def write_json(path: Path, data: Any) -> None:
     """JSON as the official files (indent 4, UTF-8, non-ASCII kept), atomically."""
     text = json.dumps(data, indent=4, ensure_ascii=False) + "\n"
-    _atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def _write_wav(path: Path, audio: np.ndarray) -> None:
     import soundfile as sf
 
-    _atomic(path, lambda tmp: sf.write(tmp, audio, SAMPLE_RATE, subtype="PCM_16", format="WAV"))
+    atomic_write(path, lambda tmp: sf.write(tmp, audio, SAMPLE_RATE, subtype="PCM_16", format="WAV"))
 
 
 def rgb_to_yuv420p(rgb: np.ndarray) -> np.ndarray:
@@ -1048,14 +1031,14 @@ def _write_mp4(path: Path, frames: np.ndarray, audio: np.ndarray) -> None:
                 container.mux(aus.encode(af))
             container.mux(aus.encode(None))
 
-    _atomic(path, write)
+    atomic_write(path, write)
 
 
 def _write_jpeg(path: Path, array: np.ndarray) -> None:
     from PIL import Image
 
     image = Image.fromarray(array)
-    _atomic(path, lambda tmp: image.save(tmp, format="JPEG", quality=95))
+    atomic_write(path, lambda tmp: image.save(tmp, format="JPEG", quality=95))
 
 
 def frame_paths(sid: str, n_frames: int) -> tuple[list[str], list[str]]:
@@ -1304,7 +1287,7 @@ def generate(root: str | os.PathLike[str], n_train: int = 100, n_val: int = 20, 
                    for s in SPLITS},
     }
     write_json(tasks / "meta.json", meta)
-    _atomic(tasks / "CREDITS.md", lambda tmp: Path(tmp).write_text(CREDITS, encoding="utf-8"))
+    atomic_write(tasks / "CREDITS.md", lambda tmp: Path(tmp).write_text(CREDITS, encoding="utf-8"))
     return GenerateResult(root, files, counts, time.perf_counter() - start)
 
 

@@ -10,14 +10,13 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from analyses.stats import MeanCI
+from hooked_av.files import atomic_write
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -183,17 +182,12 @@ def _new_figure(n_panels: int = 1, panel: tuple[float, float] = FIGSIZE_PANEL) -
 
 def save_figure(fig: Figure, path: str | Path) -> Path:
     """Write `fig` as PNG to `path` atomically (temp file in the same directory, then `os.replace`)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as handle:
             fig.savefig(handle, format="png", dpi=DPI)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+
+    return atomic_write(path, write)
 
 
 def plot_sinks_per_layer(counts_by_layer: Mapping[str, Sequence[int]] | Sequence[int], path: str | Path) -> Path:

@@ -9,12 +9,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from .files import atomic_write_text
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -226,17 +227,11 @@ def save_hf_checkpoint(
     if len(shards) > 1:
         index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
                  "weight_map": {k: names[i] for i, s in enumerate(shards) for k in s}}
-        _write_atomic(root / INDEX_FILE, json.dumps(index, indent=2))
+        atomic_write_text(root / INDEX_FILE, json.dumps(index, indent=2))
     hf_config = getattr(model, "hf_config", None)
     if hf_config is not None:
         config = hf_config.to_dict()
         config["architectures"] = config.get("architectures") or [architecture]
         config["hooked_av"] = {"model_name": model.cfg.model_name, "sinks": model.cfg.sinks.to_dict()}
-        _write_atomic(root / "config.json", json.dumps(config, indent=2, default=str))
+        atomic_write_text(root / "config.json", json.dumps(config, indent=2, default=str))
 
-
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
