@@ -234,4 +234,3 @@ def save_hf_checkpoint(
         config["architectures"] = config.get("architectures") or [architecture]
         config["hooked_av"] = {"model_name": model.cfg.model_name, "sinks": model.cfg.sinks.to_dict()}
         atomic_write_text(root / "config.json", json.dumps(config, indent=2, default=str))
-
