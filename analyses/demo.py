@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from hooked_av import HookedAVModel, hook_names
+from hooked_av.files import atomic_write_text
 from model_zoo.tiny import TOK, build_inputs, tiny_hf_thinker
 
 NOTICE = ("NOTE: without the organism this demo runs a tiny RANDOM Qwen2.5-Omni thinker "
@@ -180,9 +181,7 @@ def run_tiny(out: str = "runs/demo", seed: int = 0) -> int:
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     summary["seconds"] = round(time.perf_counter() - t0, 2)
-    tmp = out_dir / ".summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2))
-    tmp.replace(out_dir / "summary.json")
+    atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2))
     print(f"wrote {out_dir / 'summary.json'} in {summary['seconds']} s")
     ok = diff <= 1e-4 and same and abs(p_restored - p_clean) <= 1e-4
     return 0 if ok else 1

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .files import atomic_write_text
+from .files import atomic_write, atomic_write_text
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -221,9 +221,7 @@ def save_hf_checkpoint(
         f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))
     ]
     for shard, fname in zip(shards, names):
-        tmp = root / f".{fname}.tmp"
-        save_file(shard, str(tmp), metadata={"format": "pt"})
-        os.replace(tmp, root / fname)
+        atomic_write(root / fname, lambda tmp, shard=shard: save_file(shard, tmp, metadata={"format": "pt"}))
     if len(shards) > 1:
         index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
                  "weight_map": {k: names[i] for i, s in enumerate(shards) for k in s}}

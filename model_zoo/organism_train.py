@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from hooked_av.files import atomic_write
+
 #: text whose embedding stands for "nothing of a class here" in the alignment stage
 ABSENT_TEXT = " background noise"
 #: the towers by modality: the model attribute of each
@@ -701,21 +703,18 @@ def train(model: Any, tokenizer: Any, examples: Sequence[Example], cfg: TrainCon
             log.write(json.dumps(rec) + "\n")
             log.flush()
         if step % cfg.save_every == 0 or step == total:
-            tmp = state_path.with_suffix(".tmp")
-            torch.save({"config": asdict(cfg), "step": step, "rng": rng, "torch_rng": torch.get_rng_state(),
-                        "model": {k: v for k, v in model.state_dict().items() if _is_trained(k)},
-                        "opt_align": opt_align.state_dict(),
-                        "opt_task": opt_task.state_dict() if opt_task is not None else None,
-                        "heads": heads.state_dict(), "opt_heads": opt_heads.state_dict()}, tmp)
-            tmp.replace(state_path)
+            state = {"config": asdict(cfg), "step": step, "rng": rng, "torch_rng": torch.get_rng_state(),
+                     "model": {k: v for k, v in model.state_dict().items() if _is_trained(k)},
+                     "opt_align": opt_align.state_dict(),
+                     "opt_task": opt_task.state_dict() if opt_task is not None else None,
+                     "heads": heads.state_dict(), "opt_heads": opt_heads.state_dict()}
+            atomic_write(state_path, lambda tmp: torch.save(state, tmp))
     bar.close()
     log.close()
     model.eval()
     deltas = out / "deltas.safetensors"
-    tmp = deltas.with_suffix(".tmp")
-    save_file({k: v.contiguous() for k, v in trainable_state(model).items()}, str(tmp),
-              metadata=deltas_metadata(model))
-    tmp.replace(deltas)
+    atomic_write(deltas, lambda tmp: save_file({k: v.contiguous() for k, v in trainable_state(model).items()}, tmp,
+                                               metadata=deltas_metadata(model)))
     return deltas
 
 

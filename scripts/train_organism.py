@@ -316,6 +316,7 @@ def lookup_pool(tokenizer, n: int, turns: int, seed: int) -> list:
 def main() -> None:
     from analyses import avsynth
     from analyses.runtime import load_runtime
+    from hooked_av.files import atomic_write
     from hooked_av.recipes.sinks import calibrate_sinks
     from model_zoo import organism
     from model_zoo.organism_train import TrainConfig, remaining_horizons, tower_accuracy, train
@@ -446,8 +447,7 @@ def main() -> None:
         vision = recorded or None
     out.mkdir(parents=True, exist_ok=True)
     if init is not None and not init.exists():  # the run's own copy: a resume must not see a reinstalled file
-        shutil.copy(args.init_from, init.with_suffix(".tmp"))
-        init.with_suffix(".tmp").replace(init)
+        atomic_write(init, lambda tmp: shutil.copyfile(args.init_from, tmp))
     if found is None:  # none, or a generation cut off before its last record (meta.json): generate them afresh
         avsynth.generate(data, n_train=args.n_train, n_val=args.n_val, n_test=0, seed=data_seed,
                          duration=CLIP_SECONDS)
